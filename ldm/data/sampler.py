@@ -1,0 +1,53 @@
+"""Deterministic, resumable, process-sharded batch order.
+
+The order is a pure function of (seed, epoch): epoch e visits `randperm(N)` drawn from a generator seeded by
+hash(seed, e). Each step takes one *global* batch of `world_size * batch_size` consecutive indices; process r gets
+its `batch_size`-long slice. So a run on W processes with per-process batch B sees exactly the samples of a 1-process
+run with batch W*B, and the position in the stream is one integer (micro-batches consumed) that a checkpoint stores.
+The last incomplete global batch of an epoch is dropped so all processes take the same number of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from several integers, by hashing (never by adding: seed + rank collides with seed+1's rank 0)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ResumableBatchSampler:
+    """Yields lists of (dataset_index, item_seed) for this process, forever, starting at `start` micro-batches."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if n < batch_size * world_size:
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch of {batch_size * world_size} "
+                             f"(train.batch_size / grad_accum_steps); lower train.batch_size or add data")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.batches_per_epoch)
+            order = self.epoch_order(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                first = (b * self.world_size + self.rank) * self.batch_size
+                idx = order[first:first + self.batch_size].tolist()
+                yield [(i, derive_seed(self.seed, "item", epoch) % (1 << 31)) for i in idx]
+                position += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is infinite, report one epoch
+        return self.batches_per_epoch

@@ -1,0 +1,80 @@
+"""Config loading and validation: each kind of bad input gets its specific message."""
+
+import pytest
+
+from ldm.config import ConfigError, RunConfig, help_lines, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.max_steps=7", "optim.betas=[0.5,0.9]", "name=x"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.max_steps == 7 and cfg.optim.betas == [0.5, 0.9] and cfg.name == "x"
+    assert cfg.run_dir.as_posix() == "runs/x"
+
+
+def test_yaml_then_dotlist(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("train:\n  max_steps: 3\n  batch_size: 4\ndata:\n  image_size: 16\n")
+    cfg = load_config([path], ["train.max_steps=9"])
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.data.image_size) == (9, 4, 16)
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_stps'; did you mean 'train.max_steps'"):
+        load_config(None, ["train.max_stps=5"])
+
+
+def test_unknown_key_in_wrong_section_suggests_full_path(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'max_steps'; did you mean 'train.max_steps'"):
+        load_config([path])
+
+
+def test_nested_unknown_key():
+    with pytest.raises(ConfigError, match=r"'tokenizer.eq.enabld'; did you mean 'tokenizer.eq.enabled'"):
+        load_config(None, ["tokenizer.eq.enabld=true"])
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(ConfigError, match=r"'train.max_steps' has a value of the wrong type \('abc'\); expected int"):
+        load_config(None, ["train.max_steps=abc"])
+
+
+def test_out_of_range_names_key_value_and_range():
+    with pytest.raises(ConfigError, match=r"train.max_steps=0 is out of range; expected a value >= 1"):
+        load_config(None, ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"train.ema_decay=1.5 is out of range; expected a value <= 1.0"):
+        load_config(None, ["train.ema_decay=1.5"])
+
+
+def test_bad_choice_lists_allowed():
+    with pytest.raises(ConfigError, match=r"data.crop='foo' is not allowed; expected one of \['center', 'random', "
+                                          r"'resize'\]"):
+        load_config(None, ["data.crop=foo"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="not divisible by the tokenizer's downsampling factor 2"):
+        load_config(None, ["stage=tokenizer", "data.image_size=33"])
+    with pytest.raises(ConfigError, match="train.batch_size=10 must be divisible by train.grad_accum_steps=4"):
+        load_config(None, ["train.batch_size=10", "train.grad_accum_steps=4"])
+    with pytest.raises(ConfigError, match=r"optim.betas=\[0.9\]; expected two numbers in \[0, 1\)"):
+        load_config(None, ["optim.betas=[0.9]"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([tmp_path / "nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_help_lists_every_key():
+    lines = "\n".join(help_lines())
+    for key in ("train.max_steps=1000", "tokenizer.eq.p_equivariance=0.5", "sample.cfg_scale=1.0", "data.on_error"):
+        assert key in lines
