@@ -1,0 +1,94 @@
+"""VA-VAE: align the tokenizer's latents with a frozen vision foundation model (the "VF loss").
+
+Yao, Yang, Wang 2025, "Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models"
+(arXiv:2501.01423), §3.2. Reference: hustvl/LightningDiT vavae/ldm/modules/losses/contperceptual.py (forward, the
+`vf loss` block) and vavae/ldm/models/autoencoder.py (forward: `z = self.linear_proj(z)` with reverse_proj=True, a
+bias-free 1x1 conv from the latent to the foundation feature dimension).
+
+With z' = W z (the projected latent) and f the foundation features at the latent grid (B, D, h, w):
+
+* marginal cosine similarity loss, Eq. (2): L_mcos = mean_{i,j} relu(1 - m1 - cos(z'_ij, f_ij))
+* marginal distance-matrix similarity loss, Eq. (3): L_mdms = mean_{i,j} relu(|cos(z'_i, z'_j) - cos(f_i, f_j)| - m2)
+  over all pairs of the h*w positions
+* L_vf = w_mdms L_mdms + w_mcos L_mcos, added to the autoencoder loss with the adaptive weight of Eq. (4),
+  ||grad L_rec|| / (||grad L_vf|| + 1e-4) (clamped to [0, 1e8]) at the encoder's last conv, times vf_weight.
+
+m1 = 0.5 and m2 = 0.25 in the released model (configs/f16d32_vfdinov2.yaml: cos_margin 0.5, distmat_margin 0.25).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def margin_cosine_loss(z: torch.Tensor, f: torch.Tensor, margin: float) -> torch.Tensor:
+    """L_mcos per sample: mean over positions of relu(1 - margin - cos(z_ij, f_ij)); z, f (B, D, h, w) -> (B,)."""
+    cos = F.cosine_similarity(z, f, dim=1)  # (B, h, w)
+    return F.relu(1.0 - margin - cos).flatten(1).mean(1)
+
+
+def margin_distance_matrix_loss(z: torch.Tensor, f: torch.Tensor, margin: float) -> torch.Tensor:
+    """L_mdms per sample: mean over position pairs of relu(|S_z - S_f| - margin), S = (h*w, h*w) cosine matrices."""
+    zn = F.normalize(z.flatten(2), dim=1)  # (B, D, L)
+    fn = F.normalize(f.flatten(2), dim=1)  # (B, D, L)
+    s_z = torch.einsum("bdi,bdj->bij", zn, zn)  # (B, L, L)
+    s_f = torch.einsum("bdi,bdj->bij", fn, fn)  # (B, L, L)
+    return F.relu((s_z - s_f).abs() - margin).flatten(1).mean(1)
+
+
+def vf_loss(z: torch.Tensor, f: torch.Tensor, *, margin_cos: float = 0.5, margin_dist: float = 0.25,
+            cos_weight: float = 1.0, distmat_weight: float = 1.0) -> torch.Tensor:
+    """L_vf = distmat_weight * L_mdms + cos_weight * L_mcos per sample (B,) (reference contperceptual.py L118-127)."""
+    return (distmat_weight * margin_distance_matrix_loss(z, f, margin_dist)
+            + cos_weight * margin_cosine_loss(z, f, margin_cos))
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Patch tokens (B, L, D) -> feature map (B, D, gh, gw); a square grid is assumed when `grid` is None."""
+    b, n, d = tokens.shape
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"foundation encoder returned {n} patch tokens, not a square grid; give its grid size")
+        grid = (side, side)
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"foundation encoder returned {n} tokens, which do not fill its grid {tuple(grid)}")
+    return tokens.transpose(1, 2).reshape(b, d, grid[0], grid[1])
+
+
+class VFAligner(nn.Module):
+    """Frozen foundation encoder + the trainable bias-free 1x1 projection of VA-VAE (reverse_proj=True).
+
+    `encoder` is any module mapping images in [-1, 1] to patch tokens (B, L, D) (ldm.encoders.build_encoder gives
+    DINOv2/MAE); `feature_dim` is D. The encoder is kept outside this module's parameters and state_dict (it is
+    frozen and large); it is moved to the input's device on first use.
+    """
+
+    def __init__(self, *, encoder: nn.Module, feature_dim: int, latent_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(latent_channels, feature_dim, kernel_size=1, bias=False)
+        self.frozen = [encoder.eval().requires_grad_(False)]  # a list: not registered as a sub-module
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Foundation features resized (bilinear) to the latent grid: (B, 3, H, W) -> (B, D, h, w)."""
+        encoder = self.frozen[0]
+        if next(encoder.parameters(), images).device != images.device:
+            encoder.to(images.device)
+        tokens = encoder(images).float()  # (B, L, D)
+        grid = getattr(encoder, "grid_size", None)
+        grid = (grid, grid) if isinstance(grid, int) else (tuple(grid) if grid is not None else None)
+        if grid is not None and grid[0] * grid[1] != tokens.shape[1]:
+            grid = None  # the encoder adapted its grid to this input size: infer a square one
+        f = tokens_to_grid(tokens, grid)  # (B, D, gh, gw)
+        if tuple(f.shape[-2:]) != tuple(latent_hw):
+            f = F.interpolate(f, size=latent_hw, mode="bilinear", align_corners=False)
+        return f
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected latent W z (B, D, h, w), foundation features (B, D, h, w))."""
+        return self.proj(z), self.features(images, tuple(z.shape[-2:]))
