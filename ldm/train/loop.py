@@ -207,7 +207,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
     unwrapped: Task = accelerator.unwrap_model(model)
 
     def checkpoint() -> Path:
-        state = {"step": step, "data_position": position, "config": as_container(cfg),
+        state = {"step": step, "data_position": position, "config": as_container(cfg), "task": unwrapped.describe(),
                  "optimizers": {ph: opt.state_dict() for ph, opt in optimizers.items()},
                  "schedulers": {ph: s.state_dict() for ph, s in schedulers.items()},
                  "rng": gather_object([_rng_state()]) if world > 1 else [_rng_state()]}

@@ -45,6 +45,11 @@ class Task(nn.Module, abc.ABC):
         """An image grid (3, H, W) in [0, 1] for TensorBoard and samples/, or None."""
         return None
 
+    def describe(self) -> dict:
+        """Plain facts stored in every checkpoint (state.pt "task") that inference needs without the data, e.g. the
+        latent shape and number of classes of a generator."""
+        return {}
+
     @torch.no_grad()
     def evaluate(self, ema: nn.Module | None, step: int) -> dict[str, float]:
         """Periodic evaluation metrics (flat "val/..." keys); called on every process (it may shard work)."""
