@@ -51,20 +51,22 @@ VQ_TRAINING_BUFFERS = ("quantizer.usage", "quantizer.usage_initialized", "quanti
 
 # ----------------------------------------------------------------------------------------------------------- build
 def build_tokenizer(cfg, image_size: int) -> nn.Module:
-    """The trainable autoencoder of `cfg` (a TokenizerCfg): an AutoencoderKL (new, or `cfg.pretrained` loaded from a
-    local folder) or a VQAutoencoder. Raises ValueError when image_size is not a multiple of the downsampling."""
-    if cfg.kind == "kl":
-        if cfg.pretrained is not None:
-            model = load_autoencoder_kl(cfg.pretrained)
-        else:
+    """The trainable autoencoder of `cfg` (a TokenizerCfg): an AutoencoderKL or a VQAutoencoder, new or initialised
+    from `cfg.pretrained` (a diffusers AutoencoderKL folder, or an ldm tokenizer run / checkpoint directory whose
+    non-EMA autoencoder weights continue training). Raises ValueError when image_size is not a multiple of the
+    downsampling factor or the pretrained tokenizer is of another kind."""
+    if cfg.pretrained is not None:
+        model = load_pretrained_autoencoder(cfg.pretrained)
+        kind = "kl" if isinstance(model, AutoencoderKL) else "vq"
+        if kind != cfg.kind:
+            raise ValueError(f"tokenizer.pretrained={cfg.pretrained!r} is a {kind} tokenizer but "
+                             f"tokenizer.kind={cfg.kind!r}")
+    elif cfg.kind == "kl":
             model = build_autoencoder_kl(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
                                          layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
                                          mid_block_attention=cfg.mid_block_attention, attn_levels=cfg.attn_levels,
-                                         sample_size=image_size)
+                                         use_quant_conv=cfg.use_quant_conv, sample_size=image_size)
     elif cfg.kind == "vq":
-        if cfg.pretrained is not None:
-            raise ValueError(f"tokenizer.pretrained={cfg.pretrained!r} is only supported for tokenizer.kind='kl' "
-                             f"(a diffusers AutoencoderKL folder)")
         q = cfg.vq
         model = VQAutoencoder(block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
                               norm_num_groups=cfg.norm_num_groups, mid_block_attention=cfg.mid_block_attention,
@@ -79,6 +81,38 @@ def build_tokenizer(cfg, image_size: int) -> nn.Module:
         raise ValueError(f"data.image_size={image_size} is not divisible by the tokenizer's downsampling factor "
                          f"{down}; choose a multiple of {down}")
     return model
+
+
+def is_run_or_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "state.pt").is_file() or (path / "latest").is_file()
+
+
+def run_checkpoint_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(architecture record, full Task state_dict from model.safetensors, checkpoint dir) of an ldm tokenizer run."""
+    from ldm.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    return _arch_for_run(ckpt.parent.parent), load_file(str(ckpt / "model.safetensors")), ckpt
+
+
+def load_pretrained_autoencoder(path: str | Path) -> nn.Module:
+    """A trainable autoencoder from a diffusers AutoencoderKL folder or an ldm run (its non-EMA weights)."""
+    if not is_run_or_checkpoint(path):
+        return load_autoencoder_kl(path)
+    arch, full, ckpt = run_checkpoint_state(path)
+    model = model_from_arch(arch)
+    _load_strict(model, _autoencoder_part(full, ckpt), str(ckpt / "model.safetensors"))
+    log.info("initialised the %s autoencoder from %s (non-EMA weights)", arch["kind"], ckpt)
+    return model
+
+
+def _autoencoder_part(full: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
+    state = {k[len(AUTOENCODER_PREFIX):]: v for k, v in full.items() if k.startswith(AUTOENCODER_PREFIX)}
+    if not state:
+        raise ValueError(f"{ckpt / 'model.safetensors'} holds no '{AUTOENCODER_PREFIX}*' weights: not a tokenizer "
+                         f"checkpoint")
+    return state
 
 
 def model_downsample(model: nn.Module) -> int:
@@ -266,13 +300,8 @@ def _load_run(path: Path, use_ema: bool) -> Tokenizer:
         _load_strict(model, load_file(str(ema_file)), str(ema_file))
         source = str(ema_file)
     else:
-        full = load_file(str(ckpt / "model.safetensors"))
-        state = {k[len(AUTOENCODER_PREFIX):]: v for k, v in full.items() if k.startswith(AUTOENCODER_PREFIX)}
-        if not state:
-            raise ValueError(f"{ckpt / 'model.safetensors'} holds no '{AUTOENCODER_PREFIX}*' weights: not a "
-                             f"tokenizer checkpoint")
-        _load_strict(model, state, str(ckpt / "model.safetensors"))
         source = str(ckpt / "model.safetensors")
+        _load_strict(model, _autoencoder_part(load_file(source), ckpt), source)
     return Tokenizer(model, stats=_stats_beside(run_dir), source=source)
 
 
@@ -285,7 +314,7 @@ def load_tokenizer(path: str | Path, *, use_ema: bool = True, device: str | torc
         tok = _load_vq_folder(path)
     elif (path / "config.json").is_file():
         tok = _load_diffusers_folder(path)
-    elif (path / "state.pt").is_file() or (path / "latest").is_file():
+    elif is_run_or_checkpoint(path):
         tok = _load_run(path, use_ema)
     else:
         raise FileNotFoundError(f"{str(path)!r} is not a tokenizer: expected an ldm run directory ('latest'), a "

@@ -38,13 +38,15 @@ def block_types(n_levels: int, attn_levels=()) -> tuple[tuple[str, ...], tuple[s
 
 def build_autoencoder_kl(*, latent_channels: int = 4, block_out_channels: list[int] = (128, 256, 512, 512),
                          layers_per_block: int = 2, norm_num_groups: int = 32, mid_block_attention: bool = True,
-                         attn_levels: list[int] = (), sample_size: int = 256, in_channels: int = 3) -> AutoencoderKL:
+                         attn_levels: list[int] = (), use_quant_conv: bool = True, sample_size: int = 256,
+                         in_channels: int = 3) -> AutoencoderKL:
     """A randomly initialised AutoencoderKL. Defaults are SD-VAE's (kl-f8: ch 128, ch_mult [1, 2, 4, 4], 2 blocks)."""
     down, up = block_types(len(block_out_channels), attn_levels)
     return AutoencoderKL(in_channels=in_channels, out_channels=in_channels, down_block_types=down, up_block_types=up,
                          block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                          latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=sample_size,
-                         mid_block_add_attention=mid_block_attention)
+                         mid_block_add_attention=mid_block_attention, use_quant_conv=use_quant_conv,
+                         use_post_quant_conv=use_quant_conv)
 
 
 def load_autoencoder_kl(folder: str | Path) -> AutoencoderKL:

@@ -31,7 +31,8 @@ from torchvision.utils import make_grid
 from ldm.tokenizers.discriminator import NLayerDiscriminator
 from ldm.tokenizers.eq import EqTransform, eq_scales, prior_scale_image, sample_eq_transform, \
     transform_latent_and_image
-from ldm.tokenizers.export import build_tokenizer, model_downsample, save_tokenizer_arch
+from ldm.tokenizers.export import build_tokenizer, is_run_or_checkpoint, model_downsample, \
+    run_checkpoint_state, save_tokenizer_arch
 from ldm.tokenizers.kl import decoder_last_layer, decode_latent, encode_posterior, encoder_last_layer
 from ldm.tokenizers.losses import D_LOSSES, G_LOSSES, adaptive_weight, adopt_weight, build_lpips, \
     kl_diagonal_gaussian, lpips_loss, nll_loss, reconstruction_loss
@@ -240,5 +241,23 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
                          eq=eq, va=va, vf=VfSettings(vf_weight=tok.va.vf_weight, margin_cos=tok.va.margin_cos,
                                                      margin_dist=tok.va.margin_dist, cos_weight=tok.va.cos_weight,
                                                      distmat_weight=tok.va.distmat_weight, adaptive=tok.va.adaptive))
+    if tok.pretrained is not None and is_run_or_checkpoint(tok.pretrained):
+        _continue_from_run(task, tok.pretrained)
     save_tokenizer_arch(autoencoder, cfg.run_dir)
     return task, build_dataset(cfg.data)
+
+
+def _continue_from_run(task: TokenizerTask, path: str) -> None:
+    """Fine-tuning from an ldm tokenizer run also restores its discriminator, and the VA-VAE projection and the
+    NLL log-variance when present and of the same shape (the references load the whole LightningModule state)."""
+    _, full, ckpt = run_checkpoint_state(path)
+    own = task.state_dict()
+    restored = {k: v for k, v in full.items() if not k.startswith("autoencoder.") and k in own
+                and own[k].shape == v.shape}
+    missing_disc = [k for k in own if k.startswith("discriminator.") and k not in restored]
+    if missing_disc:
+        log.warning("%s: discriminator weights do not match this config (e.g. %s): the discriminator starts fresh",
+                    ckpt, missing_disc[0])
+        restored = {k: v for k, v in restored.items() if not k.startswith("discriminator.")}
+    task.load_state_dict(restored, strict=False)
+    log.info("restored %s from %s", sorted({k.split(".")[0] for k in restored}), ckpt)
