@@ -64,8 +64,123 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ pipeline
+def add_pipeline_parsers(sub) -> None:
+    p = sub.add_parser(
+        "pipeline", formatter_class=_Formatter,
+        help="run a whole experiment: tokenizer -> latent cache -> generator -> samples -> FID",
+        description="Run the stages of a pipeline config under <run_root>/<name>/, skipping stages whose outputs are "
+                    "complete (training stages resume), and print a summary.\n\n"
+                    "  ldm pipeline configs/quickstart.yaml generator.train.max_steps=3000 name=longer\n\n"
+                    "Overrides address a stage's run config: tokenizer.train.max_steps=..., generator.model.preset=..., "
+                    "or the pipeline's own keys (stages, num_samples, grid_per_class, fid_extractors, latent_flips).")
+    p.add_argument("config", nargs="*", help="pipeline YAML file(s), then key=value overrides")
+    p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.set_defaults(func=cmd_pipeline)
+    q = sub.add_parser(
+        "quickstart", formatter_class=_Formatter,
+        help="the offline demo: `ldm pipeline configs/quickstart.yaml` on the embedded digits (< 10 min on a CPU)",
+        description="Train a small EQ-VAE tokenizer and a class-conditional DiT on scikit-learn's digits, sample a "
+                    "10x10 grid with CFG and report the Fréchet distance. Outputs: runs/quickstart/. Same as "
+                    "`python train.py` with no arguments.")
+    q.add_argument("overrides", nargs="*", help="key=value overrides of configs/quickstart.yaml")
+    q.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    q.set_defaults(func=cmd_quickstart)
+
+
+def quickstart_config_path() -> str:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the quickstart needs the repository's configs/ folder "
+                                f"(install with `pip install -e .` from a clone)")
+    return str(path)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from ldm.config import PipelineCfg, load_config
+    from ldm.pipeline import format_summary, run_pipeline
+
+    paths, overrides = split_config_args(args.config)
+    cfg = load_config(paths, overrides, schema=PipelineCfg)
+    print(format_summary(run_pipeline(cfg, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    args.config = [quickstart_config_path(), *args.overrides]
+    return cmd_pipeline(args)
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def add_export_parsers(sub) -> None:
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="export a trained tokenizer (diffusers AutoencoderKL folder / VQ folder) for inference",
+        description="Write the tokenizer of a run (EMA weights by default) to DIR: for KL tokenizers a diffusers "
+                    "folder that `AutoencoderKL.from_pretrained(DIR)` loads, with latent_stats.json beside it.\n\n"
+                    "  ldm export runs/my_vae --to exported/my_vae")
+    p.add_argument("run", help="tokenizer run directory or checkpoint directory")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.set_defaults(func=cmd_export)
+    s = sub.add_parser(
+        "tokenizer-stats", formatter_class=_Formatter,
+        help="compute a tokenizer's per-channel latent mean/std and scaling factor and store them beside it",
+        description="Encode N images of a dataset and write latent_stats.json into the tokenizer's run or export "
+                    "folder; stage 2 normalises latents with these numbers.\n\n"
+                    "  ldm tokenizer-stats runs/my_vae --data digits --image-size 32 --num 1024")
+    s.add_argument("tokenizer", help="tokenizer run directory, export folder or diffusers AutoencoderKL folder")
+    s.add_argument("--data", required=True, help="'digits', an image folder, archive or .npz")
+    s.add_argument("--image-size", type=int, required=True, help="centre-crop size in pixels")
+    s.add_argument("--num", type=int, default=1024, help="number of images")
+    s.add_argument("--batch", type=int, default=64, help="images per encoder batch")
+    s.set_defaults(func=cmd_tokenizer_stats)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ldm.tokenizers.export import export_tokenizer
+
+    out = export_tokenizer(args.run, args.to, use_ema=not args.no_ema)
+    print(f"exported tokenizer {args.run} -> {out}\n  load it with: AutoencoderKL.from_pretrained({str(out)!r}) "
+          f"or ldm.tokenizers.load_tokenizer({str(out)!r})")
+    return 0
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ldm.data.images import ImageDataset, open_source
+    from ldm.tokenizers.export import load_tokenizer
+    from ldm.tokenizers.stats import STATS_FILE, compute_latent_stats, save_latent_stats
+    from ldm.train.checkpoint import resolve_checkpoint
+
+    tok = load_tokenizer(args.tokenizer)
+    data = ImageDataset(open_source(args.data, args.image_size), args.image_size, crop="center")
+    n = min(args.num, len(data))
+    batches = (torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + args.batch))])
+               for s in range(0, n, args.batch))
+    stats = compute_latent_stats(tok.encode, batches, num_images=n, channels=tok.latent_channels,
+                                 fingerprint=tok.fingerprint)
+    folder = Path(args.tokenizer)
+    if (folder / "latest").exists() or (folder / "state.pt").exists():
+        folder = resolve_checkpoint(folder).parent.parent  # stats live in the run directory
+    path = save_latent_stats(stats, folder / STATS_FILE)
+    print(f"latent statistics over {stats.num_images} images -> {path}\n  mean {stats.mean}\n  std {stats.std}\n"
+          f"  scaling factor {stats.scaling_factor:.5f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ main
-REGISTRARS: list[Callable] = [add_train_parser]
+from ldm.data import latent_commands  # noqa: E402  (argparse only; each command imports torch when it runs)
+from ldm.eval import commands as eval_commands  # noqa: E402
+from ldm.eval import sample_commands  # noqa: E402
+
+REGISTRARS: list[Callable] = [add_train_parser, sample_commands.register, eval_commands.register,
+                              latent_commands.register, add_export_parsers, add_pipeline_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

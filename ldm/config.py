@@ -146,6 +146,8 @@ class TokenizerCfg:
     layers_per_block: int = bounded(1, min=1)
     norm_num_groups: int = bounded(32, min=1)
     mid_block_attention: bool = True
+    use_quant_conv: bool = field(default=True, metadata={"help": "KL: 1x1 convs around the latent (SD-VAE has them, "
+                                                                 "FLUX's VAE does not)"})
     attn_levels: list = listed([], "encoder levels (0 = full resolution) whose blocks add self-attention; the decoder "
                                    "mirrors them (LDM attn_resolutions [16] at 256 px with 5 levels = [4])")
     learn_logvar: bool = field(default=False, metadata={"help": "train the NLL log-variance (LDM registers it as a "
@@ -253,8 +255,32 @@ class RunConfig:
         return Path(self.train.run_root) / self.name
 
 
+@dataclass
+class PipelineCfg:
+    """`ldm pipeline`: the stages of a whole experiment under <run_root>/<name>/ (tokenizer/, latents/, generator/,
+    samples/, eval.json, summary.json). `tokenizer` and `generator` are complete run configs of their stages."""
+
+    name: str = "pipeline"
+    run_root: str = "runs"
+    stages: list = listed(["tokenizer", "latents", "generator", "sample", "eval"], "stages to run, in this order")
+    tokenizer: RunConfig = field(default_factory=lambda: RunConfig(stage="tokenizer"))
+    generator: RunConfig = field(default_factory=RunConfig)
+    latent_flips: bool = field(default=False, metadata={"help": "cache horizontally flipped latents too"})
+    num_samples: int = bounded(1000, min=1, help="images sampled for the FID stage")
+    grid_per_class: int = bounded(10, min=1, help="grid rows: samples per class in the class-conditional grid")
+    fid_extractors: list = listed(["digits", "inception"], "feature spaces for the FID stage; 'inception' is "
+                                                           "skipped with a note when its weights are not installed")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+
+PIPELINE_STAGES = ("tokenizer", "latents", "generator", "sample", "eval")
+
+
 # ----------------------------------------------------------------------------------------------------------- loading
-def _check_keys(node: Any, schema: Any, prefix: str) -> None:
+def _check_keys(node: Any, schema: Any, prefix: str) -> None:  # noqa: C901
     """Reject keys that the schema does not have, suggesting the closest valid one."""
     if not isinstance(node, (dict, DictConfig)) or not dataclasses.is_dataclass(schema):
         return
@@ -264,7 +290,7 @@ def _check_keys(node: Any, schema: Any, prefix: str) -> None:
         if key not in fields:
             close = [f"{prefix}{c}" for c in difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)]
             if not close:  # maybe a key put in the wrong section: search the whole schema
-                everywhere = {name: f"{p}{name}" for p, name in _all_keys(RunConfig, "")}
+                everywhere = {name: f"{p}{name}" for p, name in _all_keys(type(schema), "")}
                 close = [everywhere[c] for c in difflib.get_close_matches(str(key), list(everywhere), n=1, cutoff=0.6)]
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ConfigError(f"unknown config key {full!r}{hint} Valid keys under {prefix or 'the top level'!r}: "
@@ -377,8 +403,20 @@ def _validate_fields(obj: Any, prefix: str) -> None:
                               + (f" and >= {lo}" if lo is not None else ""))
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: Any) -> None:
     """All checks in one place: per-field choices and ranges, then cross-field facts."""
+    if isinstance(cfg, PipelineCfg):
+        _validate_fields(cfg, "")
+        unknown = [s for s in cfg.stages if s not in PIPELINE_STAGES]
+        if unknown:
+            raise ConfigError(f"stages={list(cfg.stages)!r}: {unknown} unknown; expected stages from "
+                              f"{list(PIPELINE_STAGES)}")
+        for key, run in (("tokenizer", cfg.tokenizer), ("generator", cfg.generator)):
+            try:
+                validate(run)
+            except ConfigError as err:
+                raise ConfigError(f"{key}.{err}") from None
+        return
     _validate_fields(cfg, "")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise ConfigError(f"name={cfg.name!r} must be a non-empty directory name without slashes")
@@ -464,5 +502,5 @@ def as_container(cfg: Any) -> dict:
 
 
 __all__ = ["ConfigError", "RunConfig", "DataCfg", "OptimCfg", "TrainCfg", "TokenizerCfg", "EqCfg", "VaCfg", "VqCfg",
-           "ModelCfg", "DiffusionCfg", "SampleCfg", "EvalCfg", "load_config", "validate", "save_config", "to_yaml",
+           "ModelCfg", "DiffusionCfg", "SampleCfg", "EvalCfg", "PipelineCfg", "PIPELINE_STAGES", "load_config", "validate", "save_config", "to_yaml",
            "config_from_dict", "help_lines", "as_container", "ListConfig"]
