@@ -1,0 +1,163 @@
+"""The FID Inception-v3 against torch-fidelity and torchmetrics on real photographs (crops of ../shared/images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import shared_file
+from ldm.eval.fid import frechet_distance, stats_from_features
+from ldm.eval.inception import (INCEPTION_ENV, INCEPTION_FILENAMES, INCEPTION_URL, FIDInceptionV3, find_inception_weights,
+                                load_inception, resize_bilinear_tf1)
+from ldm.eval.metrics import inception_score
+
+WEIGHTS = "weights/fid_inception_v3_tf2015.pth"
+
+
+def photo_crops(names: list[str], n: int, size: int, seed: int) -> torch.Tensor:
+    """n random square crops (side >= 64 px) of the shared photos, bicubic-resized to size: uint8 (n, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = np.asarray(Image.open(shared_file(f"images/{names[i % len(names)]}")).convert("RGB"))
+        h, w = img.shape[:2]
+        s = int(rng.integers(64, min(h, w)))
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        out.append(np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def weights() -> str:
+    return str(shared_file(WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[torch.Tensor, torch.Tensor]:
+    a = photo_crops(["astronaut.png", "coffee.png", "chelsea.png"], 12, 64, seed=0)
+    b = photo_crops(["rocket.jpg", "china.jpg", "flower.jpg"], 12, 64, seed=1)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def peer(weights):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                       feature_extractor_weights_path=weights)
+
+
+@pytest.fixture(scope="module")
+def ours(weights):
+    return load_inception(weights)  # BN folded, the default
+
+
+def test_resize_is_tf1_bilinear_bit_exact():
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((32, 32), (64, 48), (500, 333)):
+        x = torch.randint(0, 256, (2, 3, h, w), generator=g).float()
+        ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+        assert torch.equal(resize_bilinear_tf1(x, 299), ref)
+    # hand check, 2 -> 4 px: TF samples at 0, 0.5, 1, 1.5 and clamps the right neighbour at the border
+    row = resize_bilinear_tf1(torch.tensor([[[[0.0, 10.0], [0.0, 10.0]]]]), 4)[0, 0, 0]
+    assert row.tolist() == [0.0, 5.0, 10.0, 10.0]
+
+
+def test_pool_spatial_and_logits_match_torch_fidelity(ours, peer, sets, weights):
+    x = torch.cat(sets)[:8]
+    torch.manual_seed(0)
+    fc = torch.randn(1008, 2048) * 0.05  # the shared file has no classifier head: give both the same random one
+    peer.fc.weight.data.copy_(fc)
+    ours.fc.weight.data.copy_(fc)
+    captured = {}
+    hook = peer.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
+    try:
+        with torch.inference_mode():
+            mine = ours(x, outputs=("pool", "spatial", "logits"))
+            pool, logits = peer(x)
+    finally:
+        hook.remove()
+        peer.fc.weight.data.zero_()
+        ours.fc.weight.data.zero_()
+    spatial = captured["s"][:, :7].permute(0, 2, 3, 1).reshape(len(x), -1)  # ADM: NHWC [..., :7] flattened
+    assert mine["spatial"].shape == (8, 2023)
+    assert (mine["pool"] - pool).abs().max() < 1e-4
+    assert (mine["spatial"] - spatial).abs().max() < 1e-4
+    assert (mine["logits"] - logits).abs().max() < 1e-3 * logits.abs().max()
+    # IS of the same logits equals torch-fidelity's, shuffled (its default) or not
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    for shuffle in (False, True):
+        theirs = isc_features_to_metric(logits, splits=4, shuffle=shuffle, rng_seed=2020)
+        mean, std = inception_score(mine["logits"], splits=4, shuffle_seed=2020 if shuffle else None)
+        assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+        assert std == pytest.approx(theirs["inception_score_std"], rel=1e-3, abs=1e-6)
+
+
+def test_unfolded_network_is_the_reference_network(weights, peer, sets):
+    net = load_inception(weights, fold_batchnorm=False)
+    with torch.inference_mode():
+        assert (net(sets[0][:4])["pool"] - peer(sets[0][:4])[0]).abs().max() < 1e-5
+
+
+def test_fid_matches_torch_fidelity_and_torchmetrics(ours, peer, sets, weights):
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    a, b = sets
+    with torch.inference_mode():
+        fa, fb = ours(a)["pool"].numpy(), ours(b)["pool"].numpy()
+        pa, pb = peer(a)[0], peer(b)[0]
+    fid = frechet_distance(stats_from_features(fa), stats_from_features(fb))
+    tf = fid_statistics_to_metric(fid_features_to_statistics(pa), fid_features_to_statistics(pb), False)
+    # torchmetrics with the same weights and the TF1 resize (its default antialias=True is a different resize)
+    tm = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, antialias=False)
+    tm.update(a, real=True)
+    tm.update(b, real=False)
+    assert fid > 50  # different photographs: a large distance, so agreement is not trivial
+    assert abs(fid - tf["frechet_inception_distance"]) < 1e-3
+    assert abs(fid - tm.compute().item()) < 1e-3
+
+
+def test_random_network_shapes_and_state_dict_layout():
+    net = FIDInceptionV3()
+    x = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = net(x, outputs=("pool", "spatial", "logits"))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (2, 2048), "spatial": (2, 2023),
+                                                           "logits": (2, 1008)}
+    assert len(net.state_dict()) == 566  # pytorch-fid / torch-fidelity layout: 94 conv+BN layers (6 keys) + fc (2)
+    with pytest.raises(ValueError, match="uint8 images"):
+        net(x.float())
+    with pytest.raises(ValueError, match="outputs=\\['mixed'\\]"):
+        net(x, outputs=("mixed",))
+
+
+def test_state_dict_keys_equal_the_reference_file(weights):
+    ref = torch.load(weights, map_location="cpu", weights_only=True)
+    assert set(FIDInceptionV3().state_dict()) == set(ref)
+
+
+def test_missing_weights_error_is_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "env.pth"))
+    hub = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(FileNotFoundError) as err:
+        find_inception_weights()
+    assert str(err.value) == (
+        "FID Inception-v3 weights not found. Looked for:\n"
+        f"  {tmp_path / 'env.pth'}\n  {hub / INCEPTION_FILENAMES[0]}\n  {hub / INCEPTION_FILENAMES[1]}\n"
+        f"Get {INCEPTION_FILENAMES[0]} from {INCEPTION_URL} (or torch-fidelity's {INCEPTION_FILENAMES[1]}) and pass "
+        f"its path (--inception-weights / eval.inception_weights), set {INCEPTION_ENV}=/path/to/file, or put it in "
+        f"{hub}; on a machine with internet, --download-inception fetches it there.")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_inception(tmp_path / "nope.pth")
+    # the torch hub cache is found under torch-fidelity's file name as well
+    monkeypatch.delenv(INCEPTION_ENV)
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_FILENAMES[1]).write_bytes(b"")
+    assert find_inception_weights() == hub / INCEPTION_FILENAMES[1]
