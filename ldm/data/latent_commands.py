@@ -1,0 +1,132 @@
+"""`ldm cache-latents`: encode a dataset once with a frozen tokenizer into a latent cache (see ldm.data.latents).
+
+Only argparse is imported at module level, so `ldm --help` stays instant; torch and the tokenizer load in the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+DESCRIPTION = """\
+Encode every image of a data source once with a frozen tokenizer and store the latents (and labels) as sharded,
+memory-mapped .npy files, for training a generator with data.latents=DIR.
+
+  ldm cache-latents --tokenizer runs/my_vae --data digits --out cache/digits32 --image-size 32
+  ldm cache-latents --tokenizer sd-vae-ft-ema/ --data /data/imagenet/train --out cache/in256 \\
+      --image-size 256 --flip --batch 128
+  accelerate launch --num_processes 8 -m ldm.cli cache-latents ...   (or: torchrun --nproc_per_node 8 -m ldm.cli ...)
+
+KL tokenizers store the posterior mean: it is deterministic, so the cache holds what encoding the same images on
+the fly returns (bit for bit when encoded in the same batches; otherwise up to the float rounding by which kernels
+differ between batch sizes), and the same batch gives the same loss either way. fast-DiT / LightningDiT store one
+frozen posterior sample instead, which adds a fixed noise and no augmentation. --flip also stores the latent of each horizontally flipped
+image, as LightningDiT and fast-DiT do; training then picks one of the two per item from the item seed.
+
+Images are prepared like training data: ADM centre crop (--crop center) or plain resize, to --image-size pixels.
+Shards are written atomically and dealt to the processes of a distributed launch (CPU: gloo); a re-run of the same
+command skips finished shards, so a killed run continues where it stopped. meta.json records the tokenizer
+fingerprint (a generator refuses a cache from another tokenizer), the latent shape, count, dtype, flips, the data
+source and its fingerprint, the image size, and the per-channel latent mean/std and scalar scaling factor over all
+stored latents (float64 sums, independent of the number of processes)."""
+
+
+# the same tuples as ldm.data.latents.CACHE_CROPS / DTYPES (not imported: that module loads torch; a test keeps them equal)
+CROPS = ("center", "resize")
+DTYPES = ("float32", "float16")
+
+
+def register(subparsers) -> None:
+    from ldm.config import DataCfg
+
+    defaults = DataCfg()
+    p = subparsers.add_parser("cache-latents", formatter_class=_Formatter, description=DESCRIPTION,
+                              help="encode a dataset once with a frozen tokenizer into a sharded latent cache")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="tokenizer: ldm tokenizer run or checkpoint directory, export folder, or a diffusers "
+                        "AutoencoderKL folder (config.json + weights)")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="'digits' (embedded), an image folder (class sub-folders = labels), a .zip/.tar archive "
+                        "or an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; re-running resumes)")
+    p.add_argument("--image-size", type=int, default=defaults.image_size, metavar="S",
+                   help="side of the square images in pixels; a multiple of the tokenizer's downsampling factor")
+    p.add_argument("--crop", choices=CROPS, default="center",
+                   help="center: ADM centre crop (guided-diffusion center_crop_arr); resize: plain bicubic resize")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped images")
+    p.add_argument("--batch", type=int, default=64, metavar="B", help="images encoded per forward pass")
+    p.add_argument("--shard-size", type=int, default=4096, metavar="N", help="images per shard file")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage type of the latents (float16 halves the disk space; values are checked to fit)")
+    p.add_argument("--workers", type=int, default=defaults.num_workers, metavar="N",
+                   help="DataLoader worker processes decoding images")
+    p.add_argument("--on-error", choices=("skip", "raise"), default=defaults.on_error,
+                   help="bad image files: replace by the next good image with a warning (as in training), or stop")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.set_defaults(func=cmd_cache_latents)
+
+
+def _disk_size(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("shard_*.npy"))
+
+
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    """Bad arguments, data or a conflicting cache print one error line (exit status 2), never a traceback."""
+    try:
+        return _cache_latents(args)
+    except ValueError as err:
+        print(f"ldm cache-latents: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _cache_latents(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ldm.data.latents import build_latent_cache
+    from ldm.tokenizers.export import load_tokenizer
+
+    for name in ("batch", "shard_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.workers < 0:
+        raise ValueError(f"--workers={args.workers} must be >= 0")
+    state = PartialState(cpu=not _cuda())  # CUDA when available (one GPU per process), else CPU with gloo
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = build_latent_cache(tokenizer, args.data, args.out, image_size=args.image_size, crop=args.crop,
+                              flip=args.flip, batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype,
+                              num_workers=args.workers, on_error=args.on_error, progress=not args.no_progress)
+    if state.is_main_process:
+        stats = meta.latent_stats
+        print(f"\nlatent cache ready in {time.perf_counter() - start:.1f} s ({state.num_processes} process(es))\n"
+              f"  directory      : {args.out}  ({_disk_size(Path(args.out)) / 2**20:.1f} MiB in {meta.num_shards} "
+              f"shard(s) of up to {meta.shard_size})\n"
+              f"  images         : {meta.count} from {meta.data_source} at {meta.image_size} px ({meta.crop})"
+              f"{', + horizontal flips' if meta.flips else ''}; {meta.num_classes} classes\n"
+              f"  latents        : {tuple(meta.latent_shape)} {meta.dtype}\n"
+              f"  tokenizer      : {meta.tokenizer_source} (fingerprint {meta.tokenizer_fingerprint})\n"
+              f"  channel mean   : {_fmt(stats.mean)}\n"
+              f"  channel std    : {_fmt(stats.std)}\n"
+              f"  scaling factor : {stats.scaling_factor:.6f} (1 / std of all values)\n"
+              f"  train with     : data.latents={args.out}")
+    return 0
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
