@@ -53,7 +53,7 @@ def npz(tmp_path_factory) -> Path:
 
 
 def make(tok, npz, out, **kw):
-    args = dict(image_size=SIZE, flip=True, batch_size=BATCH, shard_size=SHARD, dtype="float32", progress=False)
+    args = dict(image_size=SIZE, flips=True, batch_size=BATCH, shard_size=SHARD, dtype="float32", progress=False)
     return build_latent_cache(tok, str(npz), out, **{**args, **kw})
 
 

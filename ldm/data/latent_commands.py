@@ -28,8 +28,9 @@ memory-mapped .npy files, for training a generator with data.latents=DIR.
 KL tokenizers store the posterior mean: it is deterministic, so the cache holds what encoding the same images on
 the fly returns (bit for bit when encoded in the same batches; otherwise up to the float rounding by which kernels
 differ between batch sizes), and the same batch gives the same loss either way. fast-DiT / LightningDiT store one
-frozen posterior sample instead, which adds a fixed noise and no augmentation. --flip also stores the latent of each horizontally flipped
-image, as LightningDiT and fast-DiT do; training then picks one of the two per item from the item seed.
+frozen posterior sample instead, which adds a fixed noise and no augmentation. --flip also stores the latent of each
+horizontally flipped image, as LightningDiT does (fast-DiT flips at random once); training then picks one of the
+two per item from the item seed.
 
 Images are prepared like training data: ADM centre crop (--crop center) or plain resize, to --image-size pixels.
 Shards are written atomically and dealt to the processes of a distributed launch (CPU: gloo); a re-run of the same
@@ -39,7 +40,7 @@ source and its fingerprint, the image size, and the per-channel latent mean/std 
 stored latents (float64 sums, independent of the number of processes)."""
 
 
-# the same tuples as ldm.data.latents.CACHE_CROPS / DTYPES (not imported: that module loads torch; a test keeps them equal)
+# = ldm.data.latents.CACHE_CROPS / DTYPES, not imported because that module loads torch (a test keeps them equal)
 CROPS = ("center", "resize")
 DTYPES = ("float32", "float16")
 
@@ -104,7 +105,7 @@ def _cache_latents(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
     meta = build_latent_cache(tokenizer, args.data, args.out, image_size=args.image_size, crop=args.crop,
-                              flip=args.flip, batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype,
+                              flips=args.flip, batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype,
                               num_workers=args.workers, on_error=args.on_error, progress=not args.no_progress)
     if state.is_main_process:
         stats = meta.latent_stats

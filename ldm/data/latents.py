@@ -16,8 +16,8 @@ flipped image; LightningDiT extract_features.py with tokenizer/vavae.py `encode_
 unflipped and once with p_hflip=1.0). A sample drawn once and frozen in a file adds no augmentation across epochs,
 only a fixed noise, and can never agree with encoding on the fly; the mean is deterministic, so the cache holds what
 `Tokenizer.encode` returns for the same images (bit for bit in the same batch grouping; across batch sizes CPU/GPU
-kernels may differ by float rounding, ~1e-7 here) and training from the cache or from images sees the same latents. With `flip=True`
-the latent of the horizontally flipped image is stored too (LightningDiT's `latents_flip`), and
+kernels may differ by float rounding, ~1e-7 here) and training from the cache or from images sees the same latents.
+With `flips=True` the latent of the horizontally flipped image is stored too (LightningDiT's `latents_flip`), and
 `LatentCacheDataset` picks one of the two per item from the item seed.
 
 Writing is atomic per shard (every array goes to a temporary file that is fsynced and renamed; the shard's .json
@@ -274,9 +274,10 @@ class _ShardWriter:
                 continue
             stored = z.detach().cpu().numpy().astype(self.meta.dtype)
             if not np.isfinite(stored).all():
+                first = self.meta.shard_range(self.s)[0] + offset
                 hint = " (float16 overflows above 65504: use --dtype float32)" if self.meta.dtype == "float16" else ""
-                raise ValueError(f"non-finite {name} in shard {self.s} items {offset + self.meta.shard_range(self.s)[0]}"
-                                 f"..: the tokenizer produced inf/nan or values that do not fit {self.meta.dtype}{hint}")
+                raise ValueError(f"non-finite {name} in shard {self.s} for items {first}..{first + len(stored) - 1}: "
+                                 f"the tokenizer produced inf/nan or values that do not fit {self.meta.dtype}{hint}")
             self.arrays[name][rows] = stored
         self.arrays["labels"][rows] = labels.cpu().numpy().astype(np.int64)
 
@@ -306,8 +307,8 @@ def _merged_stats(cache_dir: Path, meta: CacheMeta) -> LatentStats:
     for s in range(meta.num_shards):
         m = json.loads(_marker(cache_dir, s).read_text())["moments"]
         part = RunningMoments(meta.latent_shape[0])
-        part.n, part.s1, part.s2 = m["n"], torch.tensor(m["s1"], dtype=torch.float64), torch.tensor(m["s2"],
-                                                                                                      dtype=torch.float64)
+        part.n = m["n"]
+        part.s1, part.s2 = (torch.tensor(m[k], dtype=torch.float64) for k in ("s1", "s2"))
         total.merge(part)
     return total.result(meta.count, meta.tokenizer_fingerprint)
 
@@ -326,12 +327,12 @@ def _data_settings(data, image_size: int | None, crop: str | None, on_error: str
 
 
 def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int | None = None,
-                       crop: str | None = None, flip: bool | None = None, batch_size: int = 64,
+                       crop: str | None = None, flips: bool | None = None, batch_size: int = 64,
                        shard_size: int = 4096, dtype: str = "float32", num_workers: int | None = None,
                        on_error: str | None = None, progress: bool = True) -> CacheMeta:
     """Encode `data` with the frozen `tokenizer` (`ldm.tokenizers.export.Tokenizer`) into a cache at `out_dir`.
 
-    `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flip` are taken
+    `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flips` are taken
     from it) or a source spec ('digits', a folder, archive or .npz) with DataCfg's defaults; keyword arguments that
     are not None override. Call it from every process of a distributed launch: each encodes its own shards (s mod
     world == rank), then rank 0 merges the statistics and finalises meta.json. Returns the complete `CacheMeta`.
@@ -347,7 +348,7 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     d = _data_settings(data, image_size, crop, on_error)
-    flip = d.hflip if flip is None else flip
+    flips = d.hflip if flips is None else flips
     f = tokenizer.downsample
     if d.image_size < 1 or d.image_size % f:
         raise ValueError(f"image_size={d.image_size} is not divisible by the tokenizer's downsampling factor {f}; "
@@ -360,7 +361,7 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
                      tokenizer_source=str(tokenizer.source), tokenizer_kind=tokenizer.kind,
                      tokenizer_scaling_factor=tokenizer.scaling_factor,
                      latent_shape=[tokenizer.latent_channels, d.image_size // f, d.image_size // f], count=count,
-                     dtype=dtype, flips=bool(flip), data_source=d.source, data_fingerprint=source.fingerprint(),
+                     dtype=dtype, flips=bool(flips), data_source=d.source, data_fingerprint=source.fingerprint(),
                      image_size=d.image_size, crop=d.crop, num_classes=dataset.num_classes, shard_size=shard_size,
                      num_shards=math.ceil(count / shard_size))
     out_dir = Path(out_dir)
