@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ldm.eval.extractors import Extractor, InceptionExtractor, build_extractor
-from ldm.eval.features import dist_info, extract_features, gather_by_index, prefetch, to_nchw
+from ldm.eval.features import dist_info, extract_features, gather_by_index, iter_batch_shards, prefetch, to_nchw
 from ldm.eval.fid import GaussianStats, frechet_distance, has_stats, load_stats, save_stats, stats_from_features
 from ldm.eval.metrics import inception_score, precision_recall, psnr, ssim
 
@@ -57,11 +57,13 @@ def metric_key(extractor: Extractor, base: str) -> str:
 
 
 def _device(device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    from accelerate import PartialState  # sets up torch.distributed when launched with accelerate / torchrun
+    """`device`, or this process's accelerate device. Always sets up torch.distributed first when the process was
+    started by accelerate launch / torchrun (cpu=True gives a gloo group on machines without CUDA), so shards and
+    gathers see the right rank and world size."""
+    from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).device  # cpu=True: gloo process group on CPU machines
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return torch.device(device) if device is not None else state.device
 
 
 def _extractor(extractor: str | Extractor, weights: str | None, device: torch.device) -> Extractor:
@@ -69,20 +71,10 @@ def _extractor(extractor: str | Extractor, weights: str | None, device: torch.de
     return ext.to(device)
 
 
-def _image_batches(path: str, batch_size: int, size: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    from ldm.data.images import iter_uint8_batches
-
+def _image_batches(path: str, batch_size: int, size: int | None,
+                   limit: int | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     rank, world = dist_info()
-    return iter_uint8_batches(str(path), batch_size, size=size, rank=rank, world_size=world)
-
-
-def _limited(batches: Iterable[tuple[np.ndarray, np.ndarray]], limit: int):
-    """Keep images with global index < limit; stops reading once a shard passes it (shards ascend by index)."""
-    for images, idx in batches:
-        keep = idx < limit
-        if not keep.any():
-            return
-        yield images[keep], idx[keep]
+    return iter_batch_shards(str(path), batch_size, size=size, rank=rank, world_size=world, limit=limit)
 
 
 def _count(path: str, size: int | None) -> int | None:
@@ -194,9 +186,7 @@ def _image_reference(ref: str, extractor: Extractor, batch_size: int, size: int 
     if use_cache and file.is_file():
         logger.info("reference statistics of %s read from cache %s", ref, file)
         return load_stats(file)
-    batches = _image_batches(ref, batch_size, size)
-    if num is not None:
-        batches = _limited(batches, num)
+    batches = _image_batches(ref, batch_size, size, num)
     out = compute_stats(batches, extractor, _stats_outputs(extractor), device=device,
                         total=num or _count(ref, size), progress=progress, desc="reference")
     if use_cache:
@@ -227,13 +217,13 @@ def evaluate_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], ref: str 
         logger.warning("Inception Score skipped: extractor %r has no classifier head", ext.name)
         wanted.discard("is")
     outputs = ["features"] + (["spatial"] if "sfid" in wanted else []) + (["logits"] if "is" in wanted else [])
-    sample = compute_stats(batches, ext, outputs, device=device, total=total, progress=progress, desc="samples")
     if isinstance(ref, dict):
         reference = ref
-    else:
+    else:  # the reference first: a mismatched statistics file fails before the samples' feature pass
         reference = reference_stats(ref, ext, batch_size=batch_size, size=size, num=ref_num,
                                     need_features="pr" in wanted, cache_dir=cache_dir, use_cache=use_cache,
                                     device=device, progress=progress)
+    sample = compute_stats(batches, ext, outputs, device=device, total=total, progress=progress, desc="samples")
     result: dict = {"extractor": ext.name, "num_samples": int(len(sample["indices"])),
                     "num_ref": int(reference["stats"].num)}
     if "fd" in wanted:
@@ -259,10 +249,9 @@ def evaluate_samples(samples: str, ref: str, *, batch_size: int = 64, size: int 
                      num_samples: int | None = None, **kwargs) -> dict:
     """Generation metrics of the images at `samples` (folder, archive or ADM .npz) against `ref` (see
     `reference_stats`); `num_samples` keeps the first N (by index). Keyword arguments as `evaluate_batches`."""
+    kwargs["device"] = _device(kwargs.get("device"))  # before sharding: initialises the process group
     total = num_samples or _count(samples, size)
-    batches = _image_batches(samples, batch_size, size)
-    if num_samples is not None:
-        batches = _limited(batches, num_samples)
+    batches = _image_batches(samples, batch_size, size, num_samples)
     return evaluate_batches(batches, ref, batch_size=batch_size, size=size, total=total, **kwargs)
 
 
@@ -302,7 +291,7 @@ def _paired_metrics(pairs: Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray
     rows: dict[str, list[np.ndarray]] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
-        rows.setdefault(key, []).append(value.float().cpu().numpy())
+        rows.setdefault(key, []).append(value.detach().cpu().numpy())  # PSNR/SSIM float64, features float32
 
     seen = []
     bar = tqdm(total=num_images or _count(data, size), desc="reconstruction", unit="img",
@@ -362,9 +351,7 @@ def evaluate_reconstruction(encode_decode: Callable[[torch.Tensor], torch.Tensor
     LPIPS is LPIPS-VGG with the trunk from `lpips_weights` or torchvision's cache (`lpips_model` overrides it).
     """
     device = _device(device)
-    batches = _image_batches(data, batch_size, size)
-    if num_images is not None:
-        batches = _limited(batches, num_images)
+    batches = _image_batches(data, batch_size, size, num_images)
 
     def pairs():
         for images, idx in prefetch(batches):
@@ -382,9 +369,7 @@ def evaluate_pairs(recons: str, data: str, *, batch_size: int = 32, size: int | 
     """Reconstruction metrics of saved reconstructions `recons` against `data`, paired by index (same count and
     order: sorted file names or array rows). Keyword arguments as `evaluate_reconstruction`."""
     device = _device(device)
-    a, b = _image_batches(recons, batch_size, size), _image_batches(data, batch_size, size)
-    if num_images is not None:
-        a, b = _limited(a, num_images), _limited(b, num_images)
+    a, b = _image_batches(recons, batch_size, size, num_images), _image_batches(data, batch_size, size, num_images)
 
     def pairs():
         missing = object()

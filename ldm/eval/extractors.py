@@ -40,7 +40,7 @@ def weights_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
