@@ -124,3 +124,33 @@ def load_latent_stats(path: str | Path) -> LatentStats:
         raise ValueError(f"{str(path)!r} is not a latent statistics file: missing keys {missing}")
     known = set(LatentStats.__dataclass_fields__)
     return LatentStats(**{k: v for k, v in data.items() if k in known})
+
+
+def compute_tokenizer_stats(path: str | Path, data_cfg, *, num_images: int, batch_size: int = 64,
+                            device: str | torch.device | None = None, write: bool = True) -> tuple[LatentStats, Path]:
+    """`ldm tokenizer-stats`: statistics of the tokenizer at `path` (run dir, checkpoint, export or diffusers folder)
+    over the first `num_images` images of `data_cfg` (centre crops, no flips), written to latent_stats.json beside it
+    (the run directory for runs and checkpoints). Returns (stats, json path)."""
+    import dataclasses
+
+    from ldm.data.images import build_dataset
+    from ldm.tokenizers.export import is_run_or_checkpoint, load_tokenizer
+
+    tok = load_tokenizer(path, device=device)
+    dev = next(tok.parameters()).device
+    data = build_dataset(dataclasses.replace(data_cfg, crop="center" if data_cfg.crop == "random" else data_cfg.crop,
+                                             hflip=False))
+    n = min(num_images, len(data))
+    batches = (torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + batch_size))]).to(dev)
+               for s in range(0, n, batch_size))
+    stats = compute_latent_stats(tok.encode, batches, num_images=n, channels=tok.latent_channels,
+                                 fingerprint=tok.fingerprint)
+    path = Path(path)
+    if is_run_or_checkpoint(path):
+        from ldm.train.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(path).parent.parent
+    out = path / STATS_FILE
+    if write:
+        save_latent_stats(stats, out)
+    return stats, out

@@ -182,8 +182,8 @@ class TokenizerTask(Task):
         logits_real = self.discriminator(target)  # (B, 1, h', w')
         logits_fake = self.discriminator(x_rec)
         loss = disc_factor * self.d_loss(logits_real, logits_fake).mean()
-        return StepOutput(loss, {"loss_d": float(loss), "logits_real": float(logits_real.mean()),
-                                 "logits_fake": float(logits_fake.mean())})
+        return StepOutput(loss, {"loss_d": float(loss.detach()), "logits_real": float(logits_real.detach().mean()),
+                                 "logits_fake": float(logits_fake.detach().mean())})
 
     # ------------------------------------------------------------------------------------------------ outputs
     @torch.no_grad()

@@ -1,0 +1,160 @@
+"""TokenizerTask: the generator loss equals an independent computation, phases touch only their own parameters,
+disc_start gating, the adaptive weight at the decoder's last conv, EQ-VAE and VA-VAE wiring, grids."""
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.tokenizers.discriminator import NLayerDiscriminator
+from ldm.tokenizers.eq import eq_scales
+from ldm.tokenizers.kl import build_autoencoder_kl
+from ldm.tokenizers.va import VFAligner, vf_loss
+from ldm.tokenizers.vq import VQAutoencoder
+from ldm.train.tokenizer_task import EqSettings, TokenizerTask, VfSettings
+
+
+def _kl_task(**kw):
+    torch.manual_seed(0)
+    ae = build_autoencoder_kl(latent_channels=4, block_out_channels=[32, 32], layers_per_block=1,
+                              mid_block_attention=False)
+    disc = NLayerDiscriminator(filters=8, layers=1)
+    return TokenizerTask(autoencoder=ae, discriminator=disc, lpips=None, perceptual_weight=0.0, **kw)
+
+
+def _batch(n=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1, "label": torch.zeros(n, dtype=torch.long)}
+
+
+def test_generator_loss_equals_the_ldm_formula():
+    task = _kl_task(kl_weight=1e-2, logvar_init=0.5, disc_start=100)
+    batch = _batch()
+    torch.manual_seed(7)
+    out = task(batch, step=0, phase="gen")
+    # independent: posterior from diffusers' own encode(), the same noise draw, decode(), LDM's reduction
+    vae, x = task.autoencoder, batch["image"]
+    torch.manual_seed(7)
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn_like(post.mean)
+    rec = (x - vae.decode(z).sample).abs()
+    nll = (rec / torch.exp(torch.tensor(0.5)) + 0.5).sum() / 2
+    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / 2
+    torch.testing.assert_close(out.loss, nll + 1e-2 * kl, rtol=1e-5, atol=1e-4)
+    assert out.logs["loss_rec"] == pytest.approx(float(rec.mean().detach()), rel=1e-5)
+    assert "loss_g" not in out.logs  # before disc_start the GAN term is off
+
+
+def test_phases_touch_only_their_parameters_and_disc_start_gates():
+    task = _kl_task(disc_start=1)
+    batch = _batch()
+    with pytest.raises(RuntimeError, match="before its gen phase"):
+        task(batch, step=0, phase="disc", micro=3)
+    task(batch, step=0, phase="gen").loss.backward()
+    assert all(p.grad is None for p in task.discriminator.parameters())
+    d0 = task(batch, step=0, phase="disc")
+    assert float(d0.loss) == 0.0  # disc_factor = 0 before disc_start
+    task.zero_grad(set_to_none=True)
+    out = task(batch, step=1, phase="gen")
+    assert "loss_g" in out.logs and out.logs["d_weight"] > 0
+    out.loss.backward()
+    assert all(p.grad is None for p in task.discriminator.parameters())  # gen phase: D's parameters frozen
+    task.zero_grad(set_to_none=True)
+    d1 = task(batch, step=1, phase="disc")
+    assert float(d1.loss) > 0
+    d1.loss.backward()
+    assert all(p.grad is None for p in task.autoencoder.parameters())  # disc phase: cached, detached inputs
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.discriminator.parameters())
+    groups = task.param_groups()
+    assert set(map(id, groups["disc"])) == set(map(id, task.discriminator.parameters()))
+    assert not any(p is task.logvar for p in groups["gen"])  # LDM never optimises logvar
+
+
+def test_learn_logvar_adds_it_to_the_generator_group():
+    task = _kl_task(learn_logvar=True)
+    assert any(p is task.logvar for p in task.param_groups()["gen"])
+    assert "logvar" in task.state_dict() and not any(k.startswith("lpips") for k in task.state_dict())
+
+
+def test_adaptive_weight_in_the_task_matches_a_manual_computation():
+    task = _kl_task(disc_weight=0.5, disc_start=0)
+    batch = _batch()
+    torch.manual_seed(3)
+    out = task(batch, step=0, phase="gen")
+    vae, x, w = task.autoencoder, batch["image"], task.autoencoder.decoder.conv_out.weight
+    torch.manual_seed(3)
+    post = vae.encode(x).latent_dist
+    x_rec = vae.decode(post.mean + post.std * torch.randn_like(post.mean)).sample
+    nll = (x - x_rec).abs().sum() / 2
+    g = -task.discriminator(x_rec).mean()
+    gn, = torch.autograd.grad(nll, w, retain_graph=True)
+    gg, = torch.autograd.grad(g, w)
+    assert out.logs["d_weight"] == pytest.approx(0.5 * float(gn.norm() / (gg.norm() + 1e-4)), rel=1e-4)
+
+
+def test_eq_mode_reconstructs_the_transformed_image_for_vq():
+    torch.manual_seed(0)
+    ae = VQAutoencoder(block_out_channels=[32, 32], layers_per_block=1, z_channels=32, codebook_size=16, code_dim=4,
+                       mid_block_attention=False)
+    task = TokenizerTask(autoencoder=ae, discriminator=NLayerDiscriminator(filters=8, layers=1), lpips=None,
+                         perceptual_weight=0.0, disc_start=0,
+                         eq=EqSettings(scales=[0.5], p_equivariance=1.0, anisotropic=False, rotate=True))
+    batch = _batch(size=16)
+    out = task(batch, step=0, phase="gen")
+    assert out.logs["eq_mode"] == 2.0 and "vq_perplexity" in out.logs and "loss_commit" in out.logs
+    target, x_rec = task._cache[0]
+    assert target.shape == x_rec.shape == (2, 3, 8, 8)
+    rotated = [torch.rot90(nn.functional.interpolate(batch["image"], size=(8, 8), mode="bilinear",
+                                                     align_corners=False), k, dims=[-1, -2]) for k in (1, 2, 3)]
+    assert any(torch.allclose(target, r) for r in rotated)
+    out.loss.backward()
+    assert ae.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through through the transformed latent
+    assert float(task(batch, step=0, phase="disc").loss) > 0
+
+
+def test_prior_scale_mode_downscales_the_input():
+    task = _kl_task(eq=EqSettings(scales=[0.5], p_equivariance=0.0, p_prior_scale=1.0), disc_start=0)
+    out = task(_batch(size=16), step=0, phase="gen")
+    assert out.logs["eq_mode"] == 1.0 and task._cache[0][0].shape[-1] == 8
+
+
+class TinyViT(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.feature_dim = dim
+
+    def forward(self, x):
+        return self.embed(x).flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def test_va_loss_is_added_with_its_adaptive_weight_at_the_encoder():
+    torch.manual_seed(0)
+    vit = TinyViT()
+    base = _kl_task()
+    va = VFAligner(encoder=vit, feature_dim=8, latent_channels=4)
+    task = TokenizerTask(autoencoder=base.autoencoder, discriminator=base.discriminator, lpips=None,
+                         perceptual_weight=0.0, disc_start=10, va=va,
+                         vf=VfSettings(vf_weight=0.1, margin_cos=0.5, margin_dist=0.25))
+    batch = _batch()
+    torch.manual_seed(5)
+    out = task(batch, step=0, phase="gen")
+    vae, x = task.autoencoder, batch["image"]
+    torch.manual_seed(5)
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn_like(post.mean)
+    nll = (x - vae.decode(z).sample).abs().sum() / 2
+    lvf = vf_loss(va.proj(z), va.features(x, (8, 8))).mean()
+    w = vae.encoder.conv_out.weight
+    gn, = torch.autograd.grad(nll, w, retain_graph=True)
+    gv, = torch.autograd.grad(lvf, w)
+    assert out.logs["loss_vf"] == pytest.approx(float(lvf.detach()), rel=1e-5)
+    assert out.logs["vf_weight"] == pytest.approx(0.1 * float(gn.norm() / (gv.norm() + 1e-4)), rel=1e-4)
+    assert any(p is va.proj.weight for p in task.param_groups()["gen"])
+    assert not any(k.startswith("va.frozen") or "embed" in k for k in task.state_dict())
+
+
+def test_visualize_grid():
+    task = _kl_task()
+    grid = task.visualize(_batch(n=3), None)
+    assert grid.shape == (3, 2 * 16 + 3 * 2, 3 * 16 + 4 * 2) and 0 <= float(grid.min()) <= float(grid.max()) <= 1
+    assert task.autoencoder.training  # restored after the eval-mode reconstruction
