@@ -60,7 +60,7 @@ def test_label_dropout_rate_only_in_training_and_reproducible():
                 class_dropout_prob=0.1)
     seen = []
     model.y_embedder.register_forward_hook(lambda m, a, o: seen.append(a[0]))
-    B = 20000
+    B = 10000
     x, t = torch.zeros(B, 4, 4, 4), torch.full((B,), 0.5)
     y = torch.randint(0, 10, (B,), generator=torch.Generator().manual_seed(0))
     model.train()
@@ -75,7 +75,7 @@ def test_label_dropout_rate_only_in_training_and_reproducible():
         model(x, t, y)
         model(x, t, y, force_drop=torch.ones(B, dtype=torch.bool))
     rate = (seen[0] == 10).float().mean().item()
-    assert abs(rate - 0.1) < 0.01  # std of the rate is 0.002
+    assert abs(rate - 0.1) < 0.015  # std of the rate is 0.003
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])  # same generator / global seed
     assert torch.equal(seen[4], y)  # eval: no dropout
     assert seen[5].eq(10).all()  # forced to the null label

@@ -1,0 +1,174 @@
+"""Frozen vision encoders (DINOv2, MAE) that give patch features, shared by VA-VAE and REPA.
+
+Architectures come from timm, as LightningDiT (vavae/ldm/models/foundation_models.py) and REPA (utils.py
+`load_encoders`) use them; weights are read from a local file, never downloaded. `FrozenEncoder` also wraps any
+nn.Module that maps preprocessed images (B, 3, S, S) to tokens (B, prefix + L, D) (a timm ViT's `forward_features`,
+or the module's own forward), so tests and users can plug in their own.
+
+Preprocessing follows REPA train.py `preprocess_raw_image` for DINOv2: images in [-1, 1] -> [0, 1] -> ImageNet
+mean/std normalisation -> bicubic resize to the encoder resolution (224 for 256-px images, a 16 x 16 token grid with
+patch 14). MAE in REPA sees the 256-px image unresized with a 16 x 16 grid, hence its default resolution 256. The
+position embedding is resampled to the encoder's grid once at load time (timm `checkpoint_filter_fn`, bicubic, as
+REPA's `resample_abs_pos_embed`). Note: LightningDiT's VA-VAE feeds DINOv2 its [-1, 1] input without ImageNet
+normalisation and resizes bilinearly; pass `normalize=False, resize_mode="bilinear"` to reproduce that exactly.
+
+Weights: `build_encoder(name, weights_path)` reads that file; without a path it looks for the official file in
+torch hub's cache (`torch.hub.get_dir()/checkpoints/<file>`, where `torch.hub.load` puts DINOv2) and for timm's
+safetensors in the Hugging Face cache (`<HF cache>/models--timm--<model>/snapshots/*/model.safetensors`). Both the
+official (facebookresearch/dinov2, facebookresearch/mae) and the timm key layouts load (timm converts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name: (timm architecture, timm pretrained tag, official file name, official URL directory, default resolution)
+ENCODERS = {
+    **{f"dinov2_vit{s}14{reg}": (f"vit_{arch}_patch14{reg}_dinov2", "lvd142m", f"dinov2_vit{s}14{reg}_pretrain.pth",
+                                 f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/", 224)
+       for s, arch in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")) for reg in ("", "_reg4")},
+    "mae_vitb16": ("vit_base_patch16_224", "mae", "mae_pretrain_vit_base.pth",
+                   "https://dl.fbaipublicfiles.com/mae/pretrain/", 256),
+    "mae_vitl16": ("vit_large_patch16_224", "mae", "mae_pretrain_vit_large.pth",
+                   "https://dl.fbaipublicfiles.com/mae/pretrain/", 256),
+    "mae_vith14": ("vit_huge_patch14_224", "mae", "mae_pretrain_vit_huge.pth",
+                   "https://dl.fbaipublicfiles.com/mae/pretrain/", 224),
+}
+
+
+class FrozenEncoder(nn.Module):
+    """Preprocess images in [-1, 1] and return the encoder's patch tokens (B, L, D), without class/register tokens.
+
+    Parameters are frozen and the module stays in eval mode; forward runs without gradients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        image_size: int,
+        patch_size: int,
+        feature_dim: int,
+        num_prefix_tokens: int = 0,
+        normalize: bool = True,
+        resize_mode: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+        if resize_mode not in ("bicubic", "bilinear"):
+            raise ValueError(f"resize_mode={resize_mode!r}; expected 'bicubic' or 'bilinear'")
+        self.model = model.eval().requires_grad_(False)
+        self.image_size, self.patch_size, self.feature_dim = image_size, patch_size, feature_dim
+        self.grid_size = image_size // patch_size
+        self.num_prefix_tokens, self.normalize, self.resize_mode = num_prefix_tokens, normalize, resize_mode
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)  # frozen: dropout / drop-path stay off
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised, S = image_size (REPA `preprocess_raw_image`)."""
+        x = (images.float() + 1) / 2  # [0, 1]
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.resize_mode, align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images have shape {tuple(images.shape)}; expected (B, 3, H, W) in [-1, 1]")
+        x = self.preprocess(images)  # (B, 3, S, S)
+        run = getattr(self.model, "forward_features", self.model)
+        tokens = run(x.to(next(self.model.parameters()).dtype))  # (B, prefix + L, D)
+        tokens = tokens[:, self.num_prefix_tokens:]  # (B, L, D)
+        expected = (images.shape[0], self.grid_size**2, self.feature_dim)
+        if tokens.shape != expected:
+            raise ValueError(f"encoder returned patch tokens of shape {tuple(tokens.shape)}; expected {expected}")
+        return tokens.float()
+
+
+def _hf_cache() -> Path:
+    if "HF_HUB_CACHE" in os.environ:
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def find_weights(name: str, weights_path: str | Path | None = None) -> Path:
+    """The weights file of a named encoder: `weights_path`, or the torch hub / Hugging Face caches."""
+    arch, tag, file, url_dir, _ = ENCODERS[name]
+    if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"{name} weights not found at {Path(weights_path).resolve()}")
+        return Path(weights_path)
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / file
+    hf_dir = _hf_cache() / f"models--timm--{arch}.{tag}" / "snapshots"
+    candidates = [hub_file, *sorted(hf_dir.glob("*/model.safetensors"))]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no weights for encoder {name!r}. Looked for {hub_file} and {hf_dir}/*/model.safetensors. Download "
+        f"{url_dir}{file} (or the Hugging Face repo timm/{arch}.{tag}) and pass its path as weights_path.")
+
+
+def load_vit_weights(model: nn.Module, path: str | Path) -> None:
+    """Load an official or timm-layout ViT state dict into a timm VisionTransformer, strictly.
+
+    timm's `checkpoint_filter_fn` converts the DINOv2 layout and resamples the position embedding to the model's grid.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # MAE's .pth files also store their args
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = checkpoint_filter_fn(sd, model)
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are unused (num_classes=0)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+
+
+def build_encoder(
+    name: str,
+    weights_path: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    normalize: bool = True,
+    resize_mode: str = "bicubic",
+) -> FrozenEncoder:
+    """A frozen pretrained encoder by name (see `ENCODERS`), e.g. "dinov2_vitb14" or "mae_vitl16"."""
+    import timm
+
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}")
+    arch, _, _, _, default_size = ENCODERS[name]
+    path = find_weights(name, weights_path)  # fail before building a large model
+    image_size = image_size or default_size
+    model = timm.create_model(arch, pretrained=False, img_size=image_size, num_classes=0)
+    load_vit_weights(model, path)
+    logger.info("loaded encoder %s (%s) from %s", name, arch, path)
+    return FrozenEncoder(
+        model, image_size=image_size, patch_size=model.patch_embed.patch_size[0], feature_dim=model.embed_dim,
+        num_prefix_tokens=model.num_prefix_tokens, normalize=normalize, resize_mode=resize_mode,
+    )
