@@ -4,19 +4,45 @@
 sampler call: CFG wrapper (guidance.py) -> prediction conversion (samplers.make_denoiser) -> time grid -> sampler.
 Noise comes from one torch.Generator per sample index (edm2's StackedRandomGenerator idea), so sample i is the same
 for any batch size or process count.
+
+`write_samples` is `ldm sample`: a folder of PNGs named by global index, sharded over processes, resumable,
+plus grid.png, an ADM-layout samples.npz and sample_config.yaml (what decides the images: checkpoint, EMA, seed,
+classes, sampler settings; a folder never mixes two of them).
+
+    out/000000.png ... out/{num-1:06d}.png   sample i: noise from generator hash(seed, i), label labels_for(i)
+    out/grid.png                            the first --grid-size samples
+    out/samples.npz                         arr_0 (N, H, W, 3) uint8, arr_1 (N,) int64 labels (ADM evaluator input)
+    out/sample_config.yaml                  identity + the full resolved run config with the sample section used
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Callable, Sequence
+import io
+import logging
+import math
+import os
+import re
+import time
+import zipfile
+from pathlib import Path as FsPath
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.data.sampler import derive_seed
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.paths import DiscretePath, Path
 from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, time_grid
+from ldm.eval.features import dist_info
+from ldm.train.checkpoint import atomic_write_text, git_sha
+
+log = logging.getLogger(__name__)
 
 
 def index_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -65,3 +91,311 @@ def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None,
 def initial_noise(shape: Sequence[int], generators: list[torch.Generator], device: torch.device | str) -> torch.Tensor:
     """x_T ~ N(0, I), one draw per sample from its own generator."""
     return randn_like(torch.empty(len(generators), *shape, device=device), generators)
+
+
+# ------------------------------------------------------------------------------------------------------ labels
+LABEL_ORDERS = ("cycle", "random", "grid")
+
+
+def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int] | None:
+    """Class ids to sample from: "all" / None (every class), "0,3,7", "0-9" or a list; None for unconditional models.
+
+    Raises ValueError naming the id and the allowed range when an id is out of range or the model is unconditional.
+    """
+    if num_classes < 1:
+        if spec is not None and spec != "all":
+            raise ValueError(f"--classes={spec!r}: this generator is unconditional (num_classes=0); leave --classes "
+                             f"out")
+        return None
+    if spec is None or spec == "all":
+        return list(range(num_classes))
+    if isinstance(spec, str):
+        ids: list[int] = []
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            if re.fullmatch(r"\d+-\d+", part):
+                lo, hi = (int(v) for v in part.split("-"))
+                ids.extend(range(lo, hi + 1))
+            elif re.fullmatch(r"-?\d+", part):
+                ids.append(int(part))
+            else:
+                raise ValueError(f"--classes={spec!r}: {part!r} is not a class id or a range a-b; expected e.g. "
+                                 f"'all', '0,1,2' or '0-9'")
+    else:
+        ids = [int(v) for v in spec]
+    if not ids:
+        raise ValueError(f"--classes={spec!r} names no class; expected 'all' or ids in [0, {num_classes - 1}]")
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes: class id {bad[0]} is out of range; this generator has {num_classes} classes "
+                         f"(ids 0 .. {num_classes - 1})")
+    return ids
+
+
+def labels_for(indices: Sequence[int], classes: list[int] | None, *, seed: int, order: str = "cycle",
+               num: int | None = None) -> torch.Tensor | None:
+    """Class label of each global sample index: a pure function of (seed, index, classes[, num]).
+
+    cycle   classes[i mod K]: balanced (50 per class for 50k ImageNet samples), a grid with K columns shows one
+            class per column.
+    random  classes[hash(seed, i) mod K], independent draws as DiT's sample_ddp.py (which uses torch.randint).
+    grid    classes[(i // ceil(num / K)) mod K]: consecutive blocks, one class per grid row (needs num).
+    """
+    if classes is None:
+        return None
+    if order not in LABEL_ORDERS:
+        raise ValueError(f"label order {order!r}; expected one of {list(LABEL_ORDERS)}")
+    k = len(classes)
+    if order == "cycle":
+        pos = [int(i) % k for i in indices]
+    elif order == "random":
+        pos = [derive_seed(seed, "label", int(i)) % k for i in indices]
+    else:
+        if num is None:
+            raise ValueError("label order 'grid' needs num (the number of samples)")
+        per_class = -(-num // k)
+        pos = [(int(i) // per_class) % k for i in indices]
+    return torch.tensor([classes[p] for p in pos], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------------ one batch
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding to nearest as DiT sample_ddp.py (127.5 x + 128, floor)."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad (n, ...) to (size, ...) by repeating the last row (real inputs, so no NaN/inf from the padding)."""
+    return x if x.shape[0] == size else torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])])
+
+
+@torch.no_grad()
+def generate_batch(gen, indices: Sequence[int], labels: torch.Tensor | None, *, sample_cfg, seed: int,
+                   batch_size: int, decode_batch: int) -> np.ndarray:
+    """uint8 images (n, H, W, C) of the global sample indices `indices` (n <= batch_size) from a LoadedGenerator.
+
+    Every network call sees a FIXED shape: the sampler a batch of `batch_size` rows and the decoder batches of
+    `decode_batch` rows, short batches padded by repeating their last sample (with its own generator objects, so the
+    real sample's random stream is untouched). Image i then goes through the same kernels whether it sits in a full
+    or a last partial batch, on 1 or N processes, before or after a resume; on CPU the per-row results also do not
+    depend on the batch size (tests/test_sample.py), so image i is bit-identical for any --batch.
+    """
+    n = len(indices)
+    if not 1 <= n <= batch_size:
+        raise ValueError(f"generate_batch got {n} indices for batch_size={batch_size}")
+    device = gen.task.normalizer.mean.device
+    padded = list(indices) + [indices[-1]] * (batch_size - n)
+    gens = index_generators(seed, padded)
+    noise = initial_noise(gen.latent_shape, gens, device)  # (batch_size, C, h, w)
+    y = None if labels is None else _pad_rows(labels, batch_size).to(device)
+    z = sample_latents(gen.model, noise, y, path=gen.task.path, prediction=gen.task.prediction, sample_cfg=sample_cfg,
+                       num_classes=gen.num_classes, learned_sigma=gen.cfg.model.learn_sigma, generators=gens)[:n]
+    images = []
+    for s in range(0, n, decode_batch):
+        chunk = z[s:s + decode_batch]
+        images.append(gen.decode(_pad_rows(chunk, decode_batch))[:chunk.shape[0]])  # (m, C, H, W)
+    return to_uint8(torch.cat(images))
+
+
+# ------------------------------------------------------------------------------------------------------ sample folders
+SAMPLE_CONFIG = "sample_config.yaml"
+NPZ_NAME = "samples.npz"
+GRID_NAME = "grid.png"
+_SAMPLE_FILE = re.compile(r"\d{6,}\.png")
+
+
+def png_path(out: FsPath, index: int) -> FsPath:
+    """The PNG of global sample `index`: 000000.png, 000001.png, ... (wider past 999999)."""
+    return FsPath(out) / f"{index:06d}.png"
+
+
+def save_png(image: np.ndarray, path: FsPath) -> None:
+    """Write (H, W, C) uint8 as PNG atomically: a hidden tmp file, then os.replace (a kill leaves all or nothing)."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def read_png(path: FsPath) -> np.ndarray:
+    """(H, W, 3) uint8 (grayscale PNGs are expanded to RGB, as the ADM evaluator expects 3 channels)."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def sample_identity(gen, sample_cfg, *, seed: int, classes: list[int] | None, label_order: str, num: int) -> dict:
+    """Everything that decides what image i looks like. A folder's images all share one identity; --num, --batch,
+    the process count and --decode-batch are left out (they change how many images or how fast, not which)."""
+    s = sample_cfg
+    ident = {"checkpoint": str(FsPath(gen.checkpoint).resolve()), "use_ema": bool(gen.used_ema),
+             "tokenizer_fingerprint": gen.task.tokenizer.fingerprint, "latent_shape": list(gen.latent_shape),
+             "seed": int(seed), "classes": classes, "label_order": label_order, "sampler": s.sampler,
+             "steps": int(s.steps), "cfg_scale": float(s.cfg_scale), "interval": [float(v) for v in s.interval],
+             "cfg_channels": s.cfg_channels, "time_grid": s.time_grid, "shift": float(s.shift), "eta": float(s.eta)}
+    if label_order == "grid":  # block labels depend on num
+        ident["num"] = int(num)
+    return ident
+
+
+def _plain(data: dict) -> dict:
+    return OmegaConf.to_container(OmegaConf.create(data), resolve=False)
+
+
+def check_sample_folder(out: FsPath, identity: dict) -> None:
+    """Refuse (FileExistsError, nothing written) when `out` holds samples made with a different identity, or sample
+    files without the sample_config.yaml that says how they were made."""
+    out = FsPath(out)
+    config_file = out / SAMPLE_CONFIG
+    if config_file.is_file():
+        saved = (OmegaConf.to_container(OmegaConf.load(config_file)) or {}).get("identity") or {}
+        now = _plain(identity)
+        diffs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                 if saved.get(k) != now.get(k)]
+        if diffs:
+            raise FileExistsError(f"output folder {out} holds samples of another configuration ({config_file}): "
+                                  f"{'; '.join(diffs)}. Nothing was written; choose another --out, or delete the "
+                                  f"folder to start over")
+        return
+    if out.is_dir():
+        found = sorted(p.name for p in out.iterdir() if _SAMPLE_FILE.fullmatch(p.name) or p.name == NPZ_NAME)
+        if found:
+            raise FileExistsError(f"output folder {out} holds {len(found)} sample files ({found[0]}, ...) but no "
+                                  f"{SAMPLE_CONFIG}, so they cannot be matched to this configuration. Nothing was "
+                                  f"written; choose another --out, or delete those files")
+
+
+def write_npz(out: FsPath, num: int, labels: torch.Tensor | None) -> FsPath:
+    """ADM-layout samples.npz from the PNGs 0 .. num-1: arr_0 (N, H, W, 3) uint8, arr_1 (N,) int64 labels (class-
+    conditional only; guided-diffusion scripts/image_sample.py). Streamed image by image into the zip, so memory stays
+    at one image however large N is; written to a tmp file and renamed."""
+    out = FsPath(out)
+    first = read_png(png_path(out, 0))
+    path, tmp = out / NPZ_NAME, out / f".{NPZ_NAME}.tmp-{os.getpid()}"
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (num, *first.shape)}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for i in range(num):
+                image = first if i == 0 else read_png(png_path(out, i))
+                if image.shape != first.shape:
+                    raise ValueError(f"{png_path(out, i)} has shape {image.shape}, {png_path(out, 0)} has "
+                                     f"{first.shape}; a sample folder must hold images of one size")
+                f.write(np.ascontiguousarray(image).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels.numpy().astype(np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def write_grid(out: FsPath, count: int, nrow: int) -> FsPath:
+    """grid.png of the first `count` PNGs, `nrow` images per row."""
+    from ldm.train.logging import make_grid, save_image_grid
+
+    images = torch.stack([torch.from_numpy(read_png(png_path(out, i))).permute(2, 0, 1) for i in range(count)])
+    path = FsPath(out) / GRID_NAME
+    save_image_grid(make_grid(images.float() / 127.5 - 1.0, nrow=nrow), path)
+    return path
+
+
+def _grid_columns(count: int, classes: list[int] | None, label_order: str, num: int) -> int:
+    if classes is not None and label_order == "cycle" and len(classes) <= 32:
+        return min(len(classes), count)  # one class per column
+    if classes is not None and label_order == "grid":
+        return min(-(-num // len(classes)), count)  # one class per row
+    return max(1, math.ceil(math.sqrt(count)))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------ the writer
+def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
+                  label_order: str = "cycle", seed: int | None = None, sample_cfg=None, batch_size: int | None = None,
+                  decode_batch: int = 8, grid: bool = True, grid_size: int = 64, npz: bool = True,
+                  progress: bool = True) -> dict[str, Any]:
+    """Write samples 0 .. num-1 of a LoadedGenerator to `out` as PNGs (+ grid.png, samples.npz, sample_config.yaml).
+
+    sample_cfg (default gen.cfg.sample) gives sampler, steps, guidance and time grid; seed defaults to its seed.
+    Sharded over the processes of torch.distributed (torchrun / accelerate launch): the indices still missing are
+    split into contiguous ranges, one per process, so every index is made exactly once; indices whose PNG exists are
+    skipped (resume). Bad input fails before anything is written: ValueError for class ids out of range, guidance on
+    an unconditional model or bad sizes; FileExistsError for a folder holding another configuration's samples.
+    Returns {out, num, written, skipped, grid, npz, config, seconds, images_per_s, processes}; every process returns
+    it, the files are written by process 0 after all processes finish.
+    """
+    from tqdm.auto import tqdm
+
+    from ldm.config import as_container, validate
+
+    sample_cfg = gen.cfg.sample if sample_cfg is None else sample_cfg
+    seed = sample_cfg.seed if seed is None else int(seed)
+    batch_size = sample_cfg.batch_size if batch_size is None else batch_size
+    for key, value in (("--num", num), ("--batch", batch_size), ("--decode-batch", decode_batch),
+                       ("--grid-size", grid_size)):
+        if int(value) < 1:
+            raise ValueError(f"{key}={value}; expected a positive integer")
+    run_cfg = dataclasses.replace(gen.cfg, sample=dataclasses.replace(sample_cfg, seed=seed, num=num,
+                                                                      batch_size=batch_size))
+    validate(run_cfg)  # ConfigError naming sample.<key>
+    get_sampler(sample_cfg.sampler)
+    if sample_cfg.cfg_scale != 1.0 and gen.num_classes < 1:
+        raise ValueError(f"--cfg (sample.cfg_scale={sample_cfg.cfg_scale}): classifier-free guidance needs a class-"
+                         f"conditional model, and {gen.checkpoint} is unconditional (num_classes=0); use --cfg 1")
+    classes = parse_classes(classes, gen.num_classes)
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"--label-order={label_order!r}; expected one of {list(LABEL_ORDERS)}")
+
+    out = FsPath(out)
+    rank, world = dist_info()
+    identity = sample_identity(gen, sample_cfg, seed=seed, classes=classes, label_order=label_order, num=num)
+    check_sample_folder(out, identity)  # every process checks (read-only) so all fail together
+    _barrier(world)
+    config_file = out / SAMPLE_CONFIG
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        record = {"identity": identity, "num": num, "batch_size": batch_size, "decode_batch": decode_batch,
+                  "processes": world, "files": "NNNNNN.png by global index" + (f", {NPZ_NAME}" if npz else ""),
+                  "git_sha": git_sha(), "run_config": as_container(run_cfg)}
+        atomic_write_text(config_file, OmegaConf.to_yaml(OmegaConf.create(_plain(record))))
+    _barrier(world)
+
+    todo = [i for i in range(num) if not png_path(out, i).is_file()]
+    mine = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]
+    log.info("sampling %d of %d images into %s (%d already there) on %d process(es): %s, %d steps, cfg %g",
+             len(todo), num, out, num - len(todo), world, sample_cfg.sampler, sample_cfg.steps, sample_cfg.cfg_scale)
+    start = time.perf_counter()
+    bar = tqdm(total=len(mine), unit="img", desc="sampling" if world == 1 else f"sampling (rank 0 of {world})",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        labels = labels_for(idx, classes, seed=seed, order=label_order, num=num)
+        images = generate_batch(gen, idx, labels, sample_cfg=sample_cfg, seed=seed, batch_size=batch_size,
+                                decode_batch=decode_batch)
+        for i, image in zip(idx, images):
+            save_png(image, png_path(out, i))
+        bar.update(len(idx))
+    bar.close()
+    _barrier(world)
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {"out": out, "num": num, "written": len(todo), "skipped": num - len(todo),
+                              "grid": None, "npz": None, "config": config_file, "seconds": seconds,
+                              "images_per_s": len(todo) / seconds if todo and seconds > 0 else None,
+                              "processes": world}
+    if rank == 0:
+        missing = [i for i in range(num) if not png_path(out, i).is_file()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} samples are missing after sampling (first: {png_path(out, missing[0])})"
+                               f"; run the same command again to fill them in")
+        if npz:
+            result["npz"] = write_npz(out, num, labels_for(range(num), classes, seed=seed, order=label_order,
+                                                           num=num))
+        if grid:
+            count = min(grid_size, num)
+            result["grid"] = write_grid(out, count, _grid_columns(count, classes, label_order, num))
+    return result

@@ -1,0 +1,210 @@
+"""`ldm sample` / sample.py: per-index determinism (batch size, process count, resume after SIGKILL), the ADM .npz,
+labels, and each bad input's error. Runs a tiny DiT generator trained for 3 steps on a tiny diffusers VAE.
+
+Bit-identity holds on one device type at one intra-op thread count (CPU GEMM reductions are split by thread); every
+process here uses 1 thread (torchrun's default).
+"""
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_python
+from ldm.config import load_config
+from ldm.eval.generate import (SAMPLE_CONFIG, labels_for, parse_classes, png_path, write_samples)
+from ldm.train.generator_task import load_generator
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SAMPLE = str(REPO / "sample.py")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A class-conditional run (EMA) and an unconditional run without EMA, 3 steps each."""
+    from ldm.tokenizers.kl import build_autoencoder_kl
+    from ldm.train.loop import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # match the subprocesses bit for bit
+    root = tmp_path_factory.mktemp("sample")
+    vae = root / "vae"
+    build_autoencoder_kl(latent_channels=4, block_out_channels=[32, 32], layers_per_block=1,
+                         norm_num_groups=8).save_pretrained(vae)
+    common = [f"train.run_root={root}", f"tokenizer.pretrained={vae}", "data.image_size=16",
+              "model.preset=DiT-Pico/2", "train.max_steps=3", "train.batch_size=16", "sample.steps=4",
+              "train.ckpt_every=1000"]
+    fit(load_config(None, ["name=cond", *common]), progress=False)
+    fit(load_config(None, ["name=uncond", "data.class_cond=false", "train.ema=false", *common]), progress=False)
+    yield root
+    torch.set_num_threads(threads)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".png", ".npz")}
+
+
+def _same_images(a: Path, b: Path, num: int) -> None:
+    fa, fb = _files(a), _files(b)
+    names = [png_path(a, i).name for i in range(num)]
+    assert [n for n in fa if n.endswith(".png") and n != "grid.png"] == names
+    for n in names:
+        assert fa[n] == fb[n], f"{n} differs between {a} and {b}"
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# ------------------------------------------------------------------------------------------------------ labels
+def test_labels_are_a_function_of_seed_index_and_classes():
+    assert labels_for(range(7), [3, 5, 8], seed=0).tolist() == [3, 5, 8, 3, 5, 8, 3]
+    assert labels_for(range(6), [1, 2], seed=0, order="grid", num=6).tolist() == [1, 1, 1, 2, 2, 2]
+    r = labels_for(range(40), list(range(10)), seed=7, order="random")
+    assert torch.equal(labels_for(range(20, 40), list(range(10)), seed=7, order="random"), r[20:])
+    assert not torch.equal(labels_for(range(40), list(range(10)), seed=8, order="random"), r)
+    assert len(set(r.tolist())) > 3
+    assert parse_classes("all", 4) == [0, 1, 2, 3] and parse_classes("0,2-3", 4) == [0, 2, 3]
+    assert parse_classes(None, 0) is None
+
+
+def test_help_lists_every_sampler():
+    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.eval.sample_commands import SAMPLER_NAMES
+
+    assert sorted(SAMPLERS) == list(SAMPLER_NAMES)
+    out = run_python([SAMPLE, "--help"]).stdout
+    for flag in ("--num", "--classes", "--cfg", "--interval", "--sampler", "--steps", "--seed", "--batch", "--out",
+                 "--grid", "--npz", "--no-ema", "--time-grid", "--shift"):
+        assert flag in out
+
+
+# ------------------------------------------------------------------------------------------------------ determinism
+def test_batch_size_and_process_count_give_identical_files(runs, tmp_path):
+    gen = load_generator(runs / "cond")
+    a, b = tmp_path / "b8", tmp_path / "b3"
+    opts = dict(num=10, classes="1,4,7", label_order="random", seed=3, grid=True, npz=True, progress=False)
+    res = write_samples(gen, a, batch_size=8, **opts)
+    assert res["written"] == 10 and res["skipped"] == 0
+    write_samples(gen, b, batch_size=3, **opts)
+    _same_images(a, b, 10)
+    assert (a / "samples.npz").read_bytes() == (b / "samples.npz").read_bytes()
+    assert Image.open(a / "grid.png").size[0] > 16 * 3
+
+    data = np.load(a / "samples.npz")
+    assert sorted(data.files) == ["arr_0", "arr_1"]
+    assert data["arr_0"].shape == (10, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].dtype == np.int64
+    assert data["arr_1"].tolist() == labels_for(range(10), [1, 4, 7], seed=3, order="random").tolist()
+    for i in (0, 9):
+        assert np.array_equal(data["arr_0"][i], np.asarray(Image.open(png_path(a, i)).convert("RGB")))
+    assert len({data["arr_0"][i].tobytes() for i in range(10)}) == 10  # distinct noise per index
+
+    # two processes (torchrun, gloo on CPU), batch 3, through the CLI: the same bytes
+    c = tmp_path / "torchrun"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", SAMPLE, str(runs / "cond"),
+                           "-n", "10", "--classes", "1,4,7", "--label-order", "random", "--seed", "3", "--batch",
+                           "3", "--npz", "--no-progress", "--out", str(c)],
+                          cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "on 2 process(es)" in proc.stdout
+    _same_images(a, c, 10)
+    assert (a / "samples.npz").read_bytes() == (c / "samples.npz").read_bytes()
+
+
+def test_killed_run_resumes_without_gaps_or_duplicates(runs, tmp_path):
+    num, steps = 12, 40
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    args = [SAMPLE, str(runs / "cond"), "--num", str(num), "--steps", str(steps), "--batch", "1", "--out", str(out),
+            "--no-progress"]
+    proc = _popen(args)
+    start = time.time()
+    while len(list(out.glob("0*.png"))) < 3:
+        if proc.poll() is not None:
+            raise AssertionError(f"sampler ended before it was killed:\n{proc.stdout.read()[-2000:]}")
+        assert time.time() - start < 240, "no PNG appeared in time"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("0*.png")))
+    assert 3 <= done < num, f"{done} of {num} images existed at the kill: the test did not interrupt the run"
+
+    gen = load_generator(runs / "cond")
+    cfg = dataclasses.replace(gen.cfg.sample, steps=steps)
+    res = write_samples(gen, out, num=num, sample_cfg=cfg, batch_size=4, grid=False, npz=False, progress=False)
+    assert res["skipped"] == done and res["written"] == num - done
+    assert not list(out.glob(".*tmp*")), "temporary files were left behind"
+    write_samples(gen, ref, num=num, sample_cfg=cfg, batch_size=5, grid=False, npz=False, progress=False)
+    _same_images(ref, out, num)
+    again = write_samples(gen, out, num=num, sample_cfg=cfg, batch_size=4, grid=False, npz=False, progress=False)
+    assert again["written"] == 0 and again["skipped"] == num
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_unconditional_run_samples_without_labels(runs, tmp_path):
+    gen = load_generator(runs / "uncond", use_ema=False)
+    assert gen.num_classes == 0 and not gen.used_ema
+    write_samples(gen, tmp_path / "u", num=3, batch_size=2, grid=False, npz=True, progress=False)
+    data = np.load(tmp_path / "u" / "samples.npz")
+    assert data.files == ["arr_0"] and data["arr_0"].shape == (3, 16, 16, 3)
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(runs, tmp_path, capsys):
+    gen = load_generator(runs / "cond")
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"class id 10 is out of range.*10 classes"):
+        write_samples(gen, out, num=2, classes="0,10", progress=False)
+    assert not out.exists()
+
+    uncond = load_generator(runs / "uncond", use_ema=False)
+    cfg4 = dataclasses.replace(uncond.cfg.sample, cfg_scale=4.0)
+    with pytest.raises(ValueError, match=r"--cfg.*unconditional"):
+        write_samples(uncond, out, num=2, sample_cfg=cfg4, progress=False)
+    with pytest.raises(ValueError, match=r"unconditional"):
+        write_samples(uncond, out, num=2, classes="3", progress=False)
+    assert not out.exists()
+
+    with pytest.raises(ValueError, match=r"no EMA weights.*--no-ema"):
+        load_generator(runs / "uncond")
+
+    # the CLI prints these without a traceback and exits 2
+    from ldm.cli import main
+
+    assert main(["sample", str(runs / "uncond"), "--num", "2", "--out", str(out), "--no-progress"]) == 2
+    assert main(["sample", str(runs / "cond"), "--num", "2", "--classes", "12", "--out", str(out)]) == 2
+    assert main(["sample", str(runs / "uncond"), "--no-ema", "--cfg", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no EMA weights" in err and "class id 12" in err and "unconditional" in err
+    assert "Traceback" not in err and not out.exists()
+
+    # a folder holding another configuration's samples is refused, byte for byte untouched
+    write_samples(gen, out, num=3, seed=0, batch_size=3, grid=False, npz=True, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=rf"another configuration.*{SAMPLE_CONFIG}.*seed: 0 there, 1 now"):
+        write_samples(gen, out, num=5, seed=1, batch_size=3, progress=False)
+    assert main(["sample", str(runs / "cond"), "--num", "3", "--sampler", "heun", "--out", str(out)]) == 2
+    assert "sampler: 'euler' there, 'heun' now" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # sample files without a sample config cannot be matched: refused too
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    shutil.copy(png_path(out, 0), png_path(stray, 0))
+    with pytest.raises(FileExistsError, match=r"no sample_config.yaml"):
+        write_samples(gen, stray, num=2, progress=False)
+    assert sorted(p.name for p in stray.iterdir()) == ["000000.png"]
+
+    with pytest.raises(ValueError, match=r"sampler='nope'"):
+        write_samples(gen, tmp_path / "s", num=2, sample_cfg=dataclasses.replace(gen.cfg.sample, sampler="nope"),
+                      progress=False)
