@@ -208,3 +208,47 @@ def test_bad_inputs_fail_clearly_and_write_nothing(runs, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"sampler='nope'"):
         write_samples(gen, tmp_path / "s", num=2, sample_cfg=dataclasses.replace(gen.cfg.sample, sampler="nope"),
                       progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------ official weights
+def _official_dit_file(path: Path) -> Path:
+    """A random DiT under facebookresearch/DiT's key names (the inverse of ldm.models.checkpoints' renames)."""
+    import re
+
+    from ldm.models.dit import DiT
+
+    torch.manual_seed(0)
+    net = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=1, num_heads=6, num_classes=10,
+              learn_sigma=True)
+    sd = {}
+    for key, value in net.state_dict().items():
+        key = re.sub(r"^patch_embed\.", "x_embedder.proj.", key)
+        key = re.sub(r"^y_embedder\.", "y_embedder.embedding_table.", key)
+        key = re.sub(r"^(blocks\.\d+|final_layer)\.ada_ln\.", r"\1.adaLN_modulation.1.", key)
+        sd[key] = torch.randn_like(value) * 0.05 if value.is_floating_point() and key != "pos_embed" else value
+    torch.save(sd, path)
+    return path
+
+
+def test_official_dit_weights_sample_through_the_cli(runs, tmp_path):
+    from ldm.cli import main
+    from ldm.diffusion.paths import DiscretePath
+    from ldm.eval.generate import load_official_generator
+
+    weights = _official_dit_file(tmp_path / "DiT-tiny.pt")
+    gen = load_official_generator("dit", weights, tokenizer=runs / "vae")
+    # DiT's setup: DDPM (1000 linear-beta steps), eps + learned sigma, SD-VAE scalar factor from the VAE config
+    assert isinstance(gen.task.path, DiscretePath) and gen.task.path.num_timesteps == 1000
+    assert gen.task.prediction == "eps" and gen.cfg.model.learn_sigma and gen.num_classes == 10
+    assert gen.task.normalizer.kind == "scalar" and float(gen.task.normalizer.scale) == pytest.approx(0.18215)
+    assert gen.cfg.sample.sampler == "ddpm" and gen.cfg.sample.steps == 250
+
+    out = tmp_path / "official"
+    assert main(["sample", "--official", "dit", "--weights", str(weights), "--tokenizer", str(runs / "vae"),
+                 "--steps", "3", "--cfg", "2", "--cfg-channels", "first3", "-n", "4", "--batch", "2", "--npz",
+                 "--no-progress", "--out", str(out)]) == 0
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_1"].tolist() == [0, 1, 2, 3]
+    assert str(weights.resolve()) in (out / SAMPLE_CONFIG).read_text()
+    assert main(["sample", "--official", "dit", "--weights", str(weights), "--no-ema", "--out", str(out)]) == 2
+    assert main(["sample", str(runs / "cond"), "--official", "dit", "--weights", str(weights)]) == 2

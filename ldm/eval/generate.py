@@ -312,6 +312,51 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+# ------------------------------------------------------------------------------------------------------ official weights
+# How each official family was trained (ldm/models/checkpoints.py converts its network to OUR time) and the sampler
+# of its own sample script: DiT sample.py (DDPM, 250 respaced steps, eps + learned sigma, latents x 0.18215),
+# SiT sample.py (SDE, 250 steps, velocity), LightningDiT inference.py (Euler ODE, 250 steps, per-channel latent
+# mean/std of its VA-VAE with latent_multiplier 1).
+OFFICIAL_SETUPS = {
+    "dit": dict(path="ddpm_linear", prediction="eps", latent_norm="scalar", sampler="ddpm", steps=250),
+    "sit": dict(path="linear", prediction="velocity", latent_norm="scalar", sampler="euler_maruyama", steps=250),
+    "lightningdit": dict(path="linear", prediction="velocity", latent_norm="channel", sampler="euler", steps=250),
+}
+
+
+def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str | FsPath | None,
+                            device: str | torch.device = "cpu"):
+    """A LoadedGenerator from an official DiT / SiT / LightningDiT weights file and the tokenizer it was trained with
+    (a diffusers AutoencoderKL folder: sd-vae-ft-ema for DiT/SiT, whose config gives the 0.18215 factor; a VA-VAE
+    export with its latent statistics for LightningDiT). The released files hold EMA weights (training checkpoints:
+    their "ema" entry), so used_ema is True."""
+    from ldm.config import DiffusionCfg, ModelCfg, RunConfig, SampleCfg, TokenizerCfg
+    from ldm.models.checkpoints import load_official
+    from ldm.tokenizers.export import load_tokenizer
+    from ldm.train.generator_task import GeneratorTask, LoadedGenerator, normalizer_for
+
+    if kind not in OFFICIAL_SETUPS:
+        raise ValueError(f"--official={kind!r}; expected one of {sorted(OFFICIAL_SETUPS)}")
+    if tokenizer is None:
+        raise ValueError(f"--official {kind} needs --tokenizer FOLDER: the VAE its latents come from (diffusers "
+                         f"AutoencoderKL folder or ldm tokenizer export)")
+    setup = OFFICIAL_SETUPS[kind]
+    model = load_official(weights, kind)
+    tok = load_tokenizer(tokenizer)
+    if tok.latent_channels != model.in_channels:
+        raise ValueError(f"--tokenizer {tokenizer} has {tok.latent_channels} latent channels; the {kind} weights "
+                         f"{weights} take {model.in_channels}")
+    cfg = RunConfig(name=f"official-{kind}", tokenizer=TokenizerCfg(pretrained=str(tokenizer)),
+                    model=ModelCfg(learn_sigma=model.learn_sigma),
+                    diffusion=DiffusionCfg(path=setup["path"], prediction=setup["prediction"],
+                                           latent_norm=setup["latent_norm"]),
+                    sample=SampleCfg(sampler=setup["sampler"], steps=setup["steps"]))
+    latent_shape = (model.in_channels, model.input_size, model.input_size)
+    task = GeneratorTask(cfg, model, tok, normalizer_for(cfg, tok), model.num_classes, latent_shape)
+    task.to(device).eval()
+    return LoadedGenerator(task=task, cfg=cfg, checkpoint=FsPath(weights), used_ema=True)
+
+
 # ------------------------------------------------------------------------------------------------------ the writer
 def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
                   label_order: str = "cycle", seed: int | None = None, sample_cfg=None, batch_size: int | None = None,

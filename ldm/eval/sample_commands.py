@@ -46,18 +46,22 @@ def register(subparsers) -> None:
                     "  ldm sample runs/dit_s2 --num 64 --grid --out samples/look\n"
                     "  ldm sample runs/dit_s2 --num 50000 --cfg 1.5 --interval 0,0.7 --npz --out samples/fid50k\n"
                     "  torchrun --nproc_per_node 8 sample.py runs/dit_s2 -n 50000 --npz --out samples/fid50k\n"
-                    "  accelerate launch --num_processes 8 sample.py runs/dit_s2 -n 50000 ...   (same, via accelerate)\n\n"
-                    "Writes OUT/000000.png ... (image i from noise seeded by hash(seed, i), so it is the same for any\n"
-                    "--batch and process count on one kind of device and thread count), OUT/sample_config.yaml (checkpoint, EMA, seed, sampler: everything\n"
-                    "that decides the images), and with --grid / --npz OUT/grid.png and OUT/samples.npz (arr_0 uint8\n"
-                    "NHWC, arr_1 int64 labels: the input of the ADM evaluator and `ldm eval fid`). Re-running the same\n"
-                    "command resumes: indices whose PNG exists are skipped. A folder holding samples of another\n"
-                    "configuration is refused. Options left out take the run's `sample:` config values.\n\n"
+                    "  accelerate launch --num_processes 8 sample.py runs/dit_s2 -n 50000 ...   (same, via accelerate)\n"
+                    "  ldm sample --official dit --weights DiT-XL-2-256x256.pt --tokenizer sd-vae-ft-ema --cfg 1.5 \\\n"
+                    "      --cfg-channels first3 -n 50000 --npz --out samples/dit_xl   (released weights)\n\n"
+                    "Writes OUT/000000.png ... (image i from noise seeded by hash(seed, i): the same for any --batch and\n"
+                    "process count, bit for bit on one device type and thread count), OUT/sample_config.yaml\n"
+                    "(checkpoint, EMA, seed, sampler: everything that decides the images), and with --grid / --npz\n"
+                    "OUT/grid.png and OUT/samples.npz (arr_0 uint8 NHWC, arr_1 int64 labels: the input of the ADM\n"
+                    "evaluator and `ldm eval fid`). Re-running the same command resumes: indices whose PNG exists are\n"
+                    "skipped. A folder holding samples of another configuration is refused. Options left out take\n"
+                    "the run's `sample:` config values.\n\n"
                     "Time runs from t=1 (noise) to t=0 (data); --interval is given in that time.",
         epilog="labels: sample i gets classes[i mod K] (cycle), classes[hash(seed, i) mod K] (random), or blocks of\n"
                "ceil(num/K) consecutive samples per class (grid: one class per grid row).")
-    p.add_argument("source", metavar="RUN_OR_CKPT",
-                   help="generator run directory (uses its latest checkpoint) or a checkpoint directory")
+    p.add_argument("source", metavar="RUN_OR_CKPT", nargs="?", default=None,
+                   help="generator run directory (uses its latest checkpoint) or a checkpoint directory; "
+                        "left out with --official")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (default: RUN/samples/<checkpoint>-<sampler><steps>-cfg<w>-seed<s>)")
     p.add_argument("--num", "-n", "--num-samples", dest="num", type=int, default=None,
@@ -89,15 +93,44 @@ def register(subparsers) -> None:
     o.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer to decode with (default: the one recorded in the run; its fingerprint must match)")
     o.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    f = p.add_argument_group("official weights (instead of RUN_OR_CKPT)")
+    f.add_argument("--official", default=None, choices=["dit", "sit", "lightningdit"],
+                   help="sample a released DiT / SiT / LightningDiT checkpoint (with --weights and --tokenizer); "
+                        "defaults follow its own sample script: dit ddpm 250, sit euler_maruyama 250, lightningdit "
+                        "euler 250 (add --cfg-channels first3 to reproduce their guidance)")
+    f.add_argument("--weights", default=None, metavar="FILE", help="the official .pt / .safetensors file")
     p.set_defaults(func=cmd_sample)
 
 
 def default_out(checkpoint: Path, sample_cfg) -> Path:
-    """RUN/samples/<step dir>-<sampler><steps>-cfg<w>-seed<s> for a checkpoint RUN/checkpoints/<step dir>."""
+    """RUN/samples/<step dir>-<sampler><steps>-cfg<w>-seed<s> for a checkpoint RUN/checkpoints/<step dir>;
+    samples/<file stem>-... in the current folder for an official weights file."""
     checkpoint = Path(checkpoint)
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     s = sample_cfg
-    return run_dir / "samples" / f"{checkpoint.name}-{s.sampler}{s.steps}-cfg{s.cfg_scale:g}-seed{s.seed}"
+    tail = f"{s.sampler}{s.steps}-cfg{s.cfg_scale:g}-seed{s.seed}"
+    if checkpoint.is_file():
+        return Path("samples") / f"{checkpoint.stem}-{tail}"
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run_dir / "samples" / f"{checkpoint.name}-{tail}"
+
+
+def _load(args: argparse.Namespace, device):
+    """The generator: a run / checkpoint directory, or official weights with --official."""
+    if args.official is None:
+        if args.source is None or args.weights is not None:
+            raise ValueError("give a generator run directory (RUN_OR_CKPT), or --official KIND --weights FILE "
+                             "--tokenizer FOLDER for released weights")
+        from ldm.train.generator_task import load_generator
+
+        return load_generator(args.source, use_ema=not args.no_ema, device=device, tokenizer=args.tokenizer)
+    if args.source is not None or args.weights is None:
+        raise ValueError(f"--official {args.official} takes --weights FILE (and --tokenizer FOLDER) instead of "
+                         f"RUN_OR_CKPT")
+    if args.no_ema:
+        raise ValueError("--no-ema does not apply to --official weights (released files hold EMA weights only)")
+    from ldm.eval.generate import load_official_generator
+
+    return load_official_generator(args.official, args.weights, tokenizer=args.tokenizer, device=device)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -113,12 +146,11 @@ def _sample(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from ldm.eval.generate import write_samples
-    from ldm.train.generator_task import load_generator
     from ldm.train.logging import setup_logging
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     setup_logging(None, accelerator.is_main_process)
-    gen = load_generator(args.source, use_ema=not args.no_ema, device=accelerator.device, tokenizer=args.tokenizer)
+    gen = _load(args, accelerator.device)
     options = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "interval": args.interval,
                "cfg_channels": args.cfg_channels, "time_grid": args.time_grid, "shift": args.shift, "eta": args.eta,
                "seed": args.seed}
