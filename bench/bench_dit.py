@@ -8,7 +8,7 @@ of a spawned child (Linux VmHWM after resetting it through /proc/self/clear_refs
 before the model was built.
 
     python bench/bench_dit.py                      # CPU: tiny and S/2 configs
-    python bench/bench_dit.py --configs s2 --steps 10 --device cuda --dtype bf16 --compile
+    python bench/bench_dit.py --configs s2 --steps 10 --device cuda --dtype bf16 --compile --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.dit import build_dit
+from ldm.models.layers import swiglu_hidden
 
 CONFIGS = {  # name: (our preset, latent size, batch)
     "tiny": ("DiT-Ti/2", 16, 8),
@@ -57,6 +58,20 @@ def build(kind: str, preset: str, latent: int, use_compile: bool) -> torch.nn.Mo
         if kind == "diffusers":
             m.compile()
     return m
+
+
+def train_flops(preset: str, latent: int, batch: int, lightning: bool) -> float:
+    """Model FLOPs of one training step: 3 x the forward matmul FLOPs (2 per multiply-add), as MFU counts them.
+
+    The forward count is twice the DiT paper's Gflops, which count multiply-adds: XL/2 at 32x32 gives 237.3 = 2 x 118.6
+    and S/2 12.1 = 2 x 6.06.
+    """
+    net = build_dit(preset, input_size=latent)  # sizes only
+    D, L = net.hidden_size, (latent // net.patch_size) ** 2
+    mlp = 3 * swiglu_hidden(D, 4.0) * D if lightning else 8 * D * D  # w12 + w3, or fc1 + fc2
+    per_block = L * (4 * D * D + mlp) + 2 * L * L * D  # qkv + proj + mlp, then q k^T and attn @ v
+    head = L * D * (net.patch_size**2 * (4 + 8)) + 6 * D * D + 2 * D * D  # patchify + final linear + adaLN
+    return 3 * 2 * batch * (net.depth * (per_block + 6 * D * D) + head)
 
 
 def make_step(kind: str, model: torch.nn.Module, batch: int, latent: int, device: str, dtype: torch.dtype):
@@ -120,7 +135,8 @@ def peak_memory_mib(kind, preset, latent, batch, device, dtype, use_compile, ste
     return q.get()
 
 
-def run(config: str, steps: int, warmup: int, device: str, dtype: torch.dtype, use_compile: bool) -> None:
+def run(config: str, steps: int, warmup: int, device: str, dtype: torch.dtype, use_compile: bool,
+        peak_tflops: float | None) -> None:
     preset, latent, batch = CONFIGS[config]
     kinds = ("ours", "diffusers", "ours+lightning")
     torch.manual_seed(0)
@@ -141,10 +157,13 @@ def run(config: str, steps: int, warmup: int, device: str, dtype: torch.dtype, u
     mem = {k: peak_memory_mib(k, preset, latent, batch, device, dtype, use_compile) for k in kinds}
     print(f"\n{preset} latent {latent}x{latent}x4 batch {batch} | {device} {dtype} compile={use_compile} "
           f"threads={torch.get_num_threads()} steps={steps}")
-    print(f"{'model':16s} {'params (M)':>10s} {'step (ms)':>10s} {'img/s':>8s} {'peak MiB':>9s} {'speed-up vs diffusers':>22s}")
+    print(f"{'model':16s} {'params (M)':>10s} {'step (ms)':>10s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'peak MiB':>9s} {'speed-up vs diffusers':>22s}")
     for k in kinds:
-        print(f"{k:16s} {params[k]:10.2f} {med[k] * 1e3:10.1f} {batch / med[k]:8.1f} {mem[k]:9.0f} "
-              f"{med['diffusers'] / med[k]:21.2f}x")
+        tflops = train_flops(preset, latent, batch, k == "ours+lightning") / med[k] / 1e12
+        mfu = f"{tflops / peak_tflops:6.1%}" if peak_tflops else f"{'-':>6s}"
+        print(f"{k:16s} {params[k]:10.2f} {med[k] * 1e3:10.1f} {batch / med[k]:8.1f} {tflops:8.3f} {mfu} "
+              f"{mem[k]:9.0f} {med['diffusers'] / med[k]:21.2f}x")
 
 
 def main() -> None:
@@ -156,13 +175,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (ours per block)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak for MFU, e.g. 989 for an H100 SXM in bf16 (dense)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # same for both models; tiny AdamW second moments are denormal on CPU
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     for c in args.configs:
-        run(c, args.steps, args.warmup, args.device, dtype, args.compile)
+        run(c, args.steps, args.warmup, args.device, dtype, args.compile, args.peak_tflops)
 
 
 if __name__ == "__main__":

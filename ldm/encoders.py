@@ -95,7 +95,8 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"images have shape {tuple(images.shape)}; expected (B, 3, H, W) in [-1, 1]")
         x = self.preprocess(images)  # (B, 3, S, S)
         run = getattr(self.model, "forward_features", self.model)
-        tokens = run(x.to(next(self.model.parameters()).dtype))  # (B, prefix + L, D)
+        param = next(self.model.parameters(), None)
+        tokens = run(x if param is None else x.to(param.dtype))  # (B, prefix + L, D)
         tokens = tokens[:, self.num_prefix_tokens:]  # (B, L, D)
         expected = (images.shape[0], self.grid_size**2, self.feature_dim)
         if tokens.shape != expected:

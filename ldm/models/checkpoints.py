@@ -86,7 +86,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _infer_kwargs(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> dict:
     """DiT constructor kwargs read from the tensor shapes of an official state dict."""
-    for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.attn.qkv.weight"):
+    for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.attn.qkv.weight",
+                "blocks.0.adaLN_modulation.1.weight"):
         if key not in sd:
             raise ValueError(f"not a {fmt} state dict: key {key!r} is missing")
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
