@@ -97,6 +97,10 @@ class Path(ABC):
     def t_from_nsr(self, nsr) -> Tensor:
         """Inverse of the noise-to-signal ratio sigma / alpha (the EDM / k-diffusion 'sigma')."""
 
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)) together (one table lookup on DDPM paths)."""
+        return self.alpha(t), self.sigma(t)
+
     def nsr(self, t) -> Tensor:
         """sigma(t) / alpha(t), the EDM sigma of Karras et al. 2022 (arXiv:2206.00364 Eq. 4 with s(t) = alpha)."""
         return self.sigma(t) / self.alpha(t)
@@ -111,8 +115,8 @@ class Path(ABC):
 
     def noise(self, x0: Tensor, eps: Tensor, t) -> Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps (t of shape () or (B,))."""
-        t = _time(t, x0.device)
-        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
+        a, s = self.alpha_sigma(_time(t, x0.device))
+        return expand_like(a, x0) * x0 + expand_like(s, x0) * eps
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -226,7 +230,9 @@ class DiscretePath(Path):
 
     def _log_alpha_bar(self, t):
         t = _time(t)
-        return _interp(t.reshape(-1), self._knots.to(t.device), self._log_ab.to(t.device)).reshape(t.shape)
+        if self._knots.device != t.device:
+            self._knots, self._log_ab = self._knots.to(t.device), self._log_ab.to(t.device)
+        return _interp(t.reshape(-1), self._knots, self._log_ab).reshape(t.shape)
 
     def _slope(self, t):
         """d log alpha_bar / dt on the knot segment holding t (piecewise constant)."""
@@ -240,6 +246,10 @@ class DiscretePath(Path):
 
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(self._log_alpha_bar(t)))
+
+    def alpha_sigma(self, t):
+        log_ab = self._log_alpha_bar(t)
+        return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab))
 
     def d_alpha(self, t):
         return 0.5 * self.alpha(t) * self._slope(t)
@@ -315,7 +325,7 @@ def prediction_target(prediction: str, x0: Tensor, eps: Tensor, t, path: Path) -
         return eps
     if prediction == "x0":
         return x0
-    a, s = expand_like(path.alpha(t), x0), expand_like(path.sigma(t), x0)
+    a, s = (expand_like(c, x0) for c in path.alpha_sigma(t))
     if prediction == "v":
         return a * eps - s * x0  # Salimans & Ho 2022 Sec. 4
     if prediction == "velocity":
@@ -327,7 +337,7 @@ def x0_eps_from_prediction(prediction: str, output: Tensor, x_t: Tensor, t, path
     """Invert `prediction_target` given x_t: the (x0, eps) pair that a network output implies."""
     check_prediction(prediction)
     t = _time(t, x_t.device)
-    a, s = expand_like(path.alpha(t), x_t), expand_like(path.sigma(t), x_t)
+    a, s = (expand_like(c, x_t) for c in path.alpha_sigma(t))
     if prediction == "eps":
         return (x_t - s * output) / a, output
     if prediction == "x0":

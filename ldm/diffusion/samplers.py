@@ -147,13 +147,25 @@ def _batch_time(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)  # (B,)
 
 
-def _coef(fn, t: float) -> float:
-    return float(fn(t))
+class _Coef(NamedTuple):
+    a: float  # alpha(t)
+    s: float  # sigma(t)
+    da: float  # alpha'(t)
+    ds: float  # sigma'(t)
 
 
-def _velocity(d: Denoised, t: float, path: Path) -> Tensor:
+def _grid_coefs(path: Path, ts: list[float], derivatives: bool = False) -> list[_Coef]:
+    """Path coefficients at every grid time as Python floats, computed once per sampling call."""
+    t = torch.tensor(ts, dtype=torch.float64)
+    a, s = path.alpha(t).tolist(), path.sigma(t).tolist()
+    nan = [math.nan] * len(ts)
+    da, ds = (path.d_alpha(t).tolist(), path.d_sigma(t).tolist()) if derivatives else (nan, nan)
+    return [_Coef(*v) for v in zip(a, s, da, ds)]
+
+
+def _velocity(d: Denoised, c: _Coef) -> Tensor:
     """dx/dt of the probability-flow ODE = alpha'(t) x0 + sigma'(t) eps (the flow-matching velocity)."""
-    return _coef(path.d_alpha, t) * d.x0 + _coef(path.d_sigma, t) * d.eps
+    return c.da * d.x0 + c.ds * d.eps
 
 
 def _lambda(a: float, s: float) -> float:
@@ -189,10 +201,11 @@ def sample_ddpm(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, variance: str
     if variance not in VARIANCES:
         raise ValueError(f"variance={variance!r}; expected one of {list(VARIANCES)}")
     ts = _times(ts)
+    cs = _grid_coefs(path, ts)
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        a_t, s_t, a_s, s_s = _coef(path.alpha, t), _coef(path.sigma, t), _coef(path.alpha, s), _coef(path.sigma, s)
+        (a_t, s_t, _, _), (a_s, s_s, _, _) = cs[i], cs[i + 1]
         a_ts = a_t / a_s
         var_ts = max(s_t**2 - a_ts**2 * s_s**2, 0.0)  # sigma_{t|s}^2, the step's beta
         mean = (a_ts * s_s**2 / s_t**2) * x + (a_s * var_ts / s_t**2) * d.x0
@@ -225,10 +238,11 @@ def sample_ddim(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, eta: float = 
     if eta < 0:
         raise ValueError(f"eta={eta}; expected >= 0")
     ts = _times(ts)
+    cs = _grid_coefs(path, ts)
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        a_t, s_t, a_s, s_s = _coef(path.alpha, t), _coef(path.sigma, t), _coef(path.alpha, s), _coef(path.sigma, s)
+        (a_t, s_t, _, _), (a_s, s_s, _, _) = cs[i], cs[i + 1]
         c2 = 0.0
         if eta > 0 and s_s > 0:
             snr_ratio = (a_t * s_s / (a_s * s_t)) ** 2  # SNR_t / SNR_s
@@ -255,12 +269,13 @@ def sample_dpm_solver_pp(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, orde
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order={order}; expected 1, 2 or 3")
     ts = _times(ts)
+    cs = _grid_coefs(path, ts)
     n = len(ts) - 1
     x = x_T
     hist: list[tuple[Tensor, float]] = []  # (m, lambda) of earlier steps, newest last
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        a_t, s_t, a_s, s_s = _coef(path.alpha, t), _coef(path.sigma, t), _coef(path.alpha, s), _coef(path.sigma, s)
+        (a_t, s_t, _, _), (a_s, s_s, _, _) = cs[i], cs[i + 1]
         lam_t, lam_s = _lambda(a_t, s_t), _lambda(a_s, s_s)
         m0 = d.x0
         k = min(order, len(hist) + 1)
@@ -296,10 +311,11 @@ def sample_euler(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, generator: G
                  callback=None) -> Tensor:
     """Euler on the probability-flow ODE: x_s = x_t + (s - t) u(x_t, t), u = alpha' x0_hat + sigma' eps_hat."""
     ts = _times(ts)
+    cs = _grid_coefs(path, ts, derivatives=True)
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        x = x + (s - t) * _velocity(d, t, path)
+        x = x + (s - t) * _velocity(d, cs[i])
         _report(callback, i, t, s, x, d)
     return x
 
@@ -309,13 +325,14 @@ def sample_heun(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, generator: Ge
     """Heun's 2nd-order method (Karras et al. 2022 Alg. 1, S_churn = 0): an Euler step, then the trapezoidal correction
     x_s = x_t + (s - t) (u(x_t, t) + u(x_euler, s)) / 2, skipped on a step to s = 0 as in Alg. 1 (2n - 1 NFE)."""
     ts = _times(ts)
+    cs = _grid_coefs(path, ts, derivatives=True)
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        u = _velocity(d, t, path)
+        u = _velocity(d, cs[i])
         x_euler = x + (s - t) * u
         if s > 0:
-            u_next = _velocity(denoise(x_euler, _batch_time(s, x)), s, path)
+            u_next = _velocity(denoise(x_euler, _batch_time(s, x)), cs[i + 1])
             x = x + (s - t) * 0.5 * (u + u_next)
         else:
             x = x_euler
@@ -340,7 +357,8 @@ def sample_dopri5(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, atol: float
 
     def func(t: Tensor, x: Tensor) -> Tensor:
         tf = float(t)
-        return _velocity(denoise(x, _batch_time(tf, x)), tf, path)
+        c = _grid_coefs(path, [tf], derivatives=True)[0]
+        return _velocity(denoise(x, _batch_time(tf, x)), c)
 
     grid = torch.tensor(ts, dtype=torch.float64 if x_T.dtype == torch.float64 else torch.float32, device=x_T.device)
     xs = odeint(func, x_T, grid, method="dopri5", atol=atol, rtol=rtol)  # (len(ts), B, ...)
@@ -350,20 +368,19 @@ def sample_dopri5(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, atol: float
     return xs[-1]
 
 
-def _sde_diffusion(form: str, t: float, path: Path, norm: float) -> float:
+def _sde_diffusion(form: str, t: float, c: _Coef, norm: float, path_name: str) -> float:
     """SiT's diffusion coefficients w(t) (path.py compute_diffusion) moved to our time (t_SiT = 1 - t)."""
     if form == "constant":
         return norm
     if form == "sigma":
-        return norm * _coef(path.sigma, t)
+        return norm * c.s
     if form == "linear":
         return norm * t
     if form == "SBDM":  # sigma^2 d/dt log(sigma / alpha): score-based diffusion's g^2 / 2 (SiT compute_drift)
-        a, s = _coef(path.alpha, t), _coef(path.sigma, t)
-        if a <= 0:
-            raise ValueError(f"diffusion_form='SBDM' is infinite at t={t} on path {path.name!r}; start ts below it "
+        if c.a <= 0:
+            raise ValueError(f"diffusion_form='SBDM' is infinite at t={t} on path {path_name!r}; start ts below it "
                              "(SiT starts at 1 - 1e-3)")
-        return norm * (s * _coef(path.d_sigma, t) - s * s * _coef(path.d_alpha, t) / a)
+        return norm * (c.s * c.ds - c.s * c.s * c.da / c.a)
     if form == "decreasing":
         return 0.25 * (1 - norm * math.cos(math.pi * t)) ** 2
     return norm * math.sin(math.pi * t) ** 2  # "increasing-decreasing"
@@ -389,13 +406,14 @@ def sample_euler_maruyama(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, dif
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step={last_step!r}; expected one of {list(LAST_STEPS)}")
     ts = _times(ts)
+    cs = _grid_coefs(path, ts, derivatives=True)
     n = len(ts) - 1
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         d = denoise(x, _batch_time(t, x))
-        u = _velocity(d, t, path)
-        w = _sde_diffusion(diffusion_form, t, path, diffusion_norm)
-        drift = u + (w / _coef(path.sigma, t)) * d.eps  # u - w * score
+        u = _velocity(d, cs[i])
+        w = _sde_diffusion(diffusion_form, t, cs[i], diffusion_norm, path.name)
+        drift = u + (w / cs[i].s) * d.eps  # u - w * score
         if i < n - 1 or last_step is None:
             x = x + (s - t) * drift + math.sqrt(2 * w * (t - s)) * randn_like(x, generator)
         elif last_step == "mean":

@@ -1,0 +1,150 @@
+"""Images/s of ldm's samplers at ~50 NFE vs the matching diffusers scheduler loop, same network, same process, CPU.
+
+    python bench/bench_samplers.py [--models tiny,S/2] [--batch 8] [--repeats 3] [--threads 0]
+
+The network is diffusers' DiTTransformer2DModel (no learned sigma, no CFG), built at random init:
+  tiny  2 layers x 64 wide (2 heads), 8x8x4 latents, patch 2 (16 tokens)
+  S/2   12 layers x 384 wide (6 heads), 16x16x4 latents, patch 2 (64 tokens) — DiT-S/2 on 128 px images
+Both loops call the same net the same number of times, so the ratio measures the sampler's own cost per step
+(ldm: path coefficients + prediction conversion in make_denoiser; diffusers: scheduler.step bookkeeping).
+
+Pairs (ldm sampler / diffusers scheduler), ldm time t = (i + 1) / 1000 for DDPM index i:
+  ddpm            sample_ddpm, fixed_small          / DDPMScheduler            50 steps = 50 NFE
+  ddim            sample_ddim, eta 0                / DDIMScheduler            50 steps = 50 NFE
+  dpm_solver++    sample_dpm_solver_pp, order 2     / DPMSolverMultistepScheduler (2M, dpmsolver++) 50 NFE
+  heun            sample_heun, 25 steps             / HeunDiscreteScheduler, 25 steps  (49 NFE each)
+  euler (flow)    sample_euler on "linear"          / FlowMatchEulerDiscreteScheduler  50 NFE
+  euler_maruyama  sample_euler_maruyama (SiT grid)  / (no diffusers peer)      50 NFE
+Timings alternate ldm / diffusers runs and report the median of --repeats runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+
+from ldm.diffusion.paths import get_path
+from ldm.diffusion.samplers import SAMPLERS, make_denoiser
+
+MODELS = {
+    "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=8, norm_num_groups=32),
+    "S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=16, norm_num_groups=32),
+}
+NFE = 50
+
+
+def build_net(name: str) -> DiTTransformer2DModel:
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(in_channels=4, out_channels=4, patch_size=2, num_embeds_ada_norm=1000, **MODELS[name])
+    return net.eval()
+
+
+def diffusers_loop(net, scheduler, x, y, steps: int, generator=None):
+    scheduler.set_timesteps(steps)
+    for timestep in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, timestep) if hasattr(scheduler, "scale_model_input") else x
+        out = net(inp, timestep=timestep.expand(x.shape[0]), class_labels=y).sample
+        kw = {"generator": generator} if isinstance(scheduler, DDPMScheduler) else {}
+        x = scheduler.step(out, timestep, x, **kw).prev_sample
+    return x
+
+
+def ldm_run(net, sampler: str, x, y, ts, path, prediction: str, generator=None, **kw):
+    if path.name.startswith("ddpm"):
+        model_fn = lambda xx, t: net(xx, timestep=path.model_time(t).to(xx.dtype), class_labels=y).sample
+    else:  # flow: the network's timestep input is 1000 t, as FlowMatchEulerDiscreteScheduler feeds it
+        model_fn = lambda xx, t: net(xx, timestep=1000 * t, class_labels=y).sample
+    den = make_denoiser(model_fn, path=path, prediction=prediction)
+    return SAMPLERS[sampler](den, x, ts, path=path, generator=generator, **kw)
+
+
+def times_from(scheduler, steps: int) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    return torch.tensor([(int(t) + 1) / 1000 for t in scheduler.timesteps] + [0.0], dtype=torch.float64)
+
+
+def pairs():
+    """(label, ldm sampler, path, prediction, ldm steps, ldm kwargs, diffusers scheduler or None, diffusers steps)."""
+    ddpm = dict(num_train_timesteps=1000, beta_schedule="linear")
+    return [
+        ("ddpm", "ddpm", "ddpm_linear", "eps", NFE, {}, DDPMScheduler(**ddpm, clip_sample=False), NFE),
+        ("ddim", "ddim", "ddpm_linear", "eps", NFE, {"eta": 0.0}, DDIMScheduler(**ddpm, clip_sample=False), NFE),
+        ("dpm_solver++ 2M", "dpm_solver++", "ddpm_linear", "eps", NFE, {"order": 2},
+         DPMSolverMultistepScheduler(**ddpm, solver_order=2, algorithm_type="dpmsolver++"), NFE),
+        ("heun (49 NFE)", "heun", "ddpm_linear", "eps", 25, {}, HeunDiscreteScheduler(**ddpm), 25),
+        ("euler (flow)", "euler", "linear", "velocity", NFE, {}, FlowMatchEulerDiscreteScheduler(), NFE),
+        ("euler_maruyama", "euler_maruyama", "linear", "velocity", NFE, {}, None, 0),
+    ]
+
+
+def ldm_times(label, path, steps, scheduler):
+    if label == "euler_maruyama":  # SiT/REPA: linspace(1, 0.04, K) then the mean step to 0
+        return torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    if path.name == "linear":
+        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if label.startswith("heun"):  # Heun's grid in t: the scheduler's first-stage timesteps, then 0
+        scheduler.set_timesteps(steps)
+        first = scheduler.timesteps[::2]
+        return torch.tensor([(float(t) + 1) / 1000 for t in first] + [0.0], dtype=torch.float64)
+    return times_from(scheduler, steps)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,S/2", help=f"comma list of {sorted(MODELS)}")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, median of {args.repeats}")
+    print("| model | sampler | NFE | ldm img/s | diffusers img/s | ldm / diffusers |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        net = build_net(name)
+        size = MODELS[name]["sample_size"]
+        x_T = torch.randn(args.batch, 4, size, size, generator=torch.Generator().manual_seed(1))
+        y = torch.arange(args.batch) % 1000
+        with torch.no_grad():
+            for label, sampler, pname, prediction, steps, kw, sched, d_steps in pairs():
+                path = get_path(pname)
+                ts = ldm_times(label, path, steps, sched)
+                nfe = []
+                counting = lambda *a, **k: nfe.append(1)
+                hook = net.register_forward_hook(counting)
+                ldm_run(net, sampler, x_T, y, ts, path, prediction, generator=torch.Generator().manual_seed(2), **kw)
+                hook.remove()
+                ours, theirs = [], []
+                for _ in range(args.repeats):
+                    ours.append(timed(lambda: ldm_run(net, sampler, x_T, y, ts, path, prediction,
+                                                      generator=torch.Generator().manual_seed(2), **kw)))
+                    if sched is not None:
+                        theirs.append(timed(lambda: diffusers_loop(net, sched, x_T, y, d_steps,
+                                                                   generator=torch.Generator().manual_seed(2))))
+                ips = args.batch / statistics.median(ours)
+                if sched is None:
+                    print(f"| {name} | {label} | {len(nfe)} | {ips:.1f} | - | - |")
+                else:
+                    dips = args.batch / statistics.median(theirs)
+                    print(f"| {name} | {label} | {len(nfe)} | {ips:.1f} | {dips:.1f} | {ips / dips:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
