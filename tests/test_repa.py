@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ldm.diffusion.repa import DEFAULT_REPA_DEPTH, DEFAULT_REPA_WEIGHT, REPAProjector, repa_loss, resize_token_grid
+from ldm.diffusion.repa import (
+    DEFAULT_REPA_DEPTH,
+    DEFAULT_REPA_WEIGHT,
+    REPAProjector,
+    build_projector,
+    repa_loss,
+    resize_token_grid,
+)
 from ldm.encoders import FrozenEncoder
 from ldm.models.dit import DiT
 
@@ -78,7 +85,7 @@ def test_repa_training_aligns_hidden_tokens_with_a_tiny_encoder(one_thread):
     target = encoder(images)  # (16, 16, 24)
     net = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=0,
               repa_depth=1)
-    proj = REPAProjector(32, 24, projector_dim=64)
+    proj = build_projector(32, 24, hidden_dim=64)
     opt = torch.optim.Adam([*net.parameters(), *proj.parameters()], lr=2e-3)
     history = []
     for step in range(40):

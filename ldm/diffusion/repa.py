@@ -32,12 +32,12 @@ DEFAULT_PROJECTOR_DIM = 2048  # REPA models/sit.py projector_dim
 class REPAProjector(nn.Module):
     """h_phi: Linear(D, 2048) - SiLU - Linear(2048, 2048) - SiLU - Linear(2048, D_enc), applied per token."""
 
-    def __init__(self, hidden_size: int, encoder_dim: int, projector_dim: int = DEFAULT_PROJECTOR_DIM) -> None:
+    def __init__(self, hidden_size: int, encoder_dim: int, hidden_dim: int = DEFAULT_PROJECTOR_DIM) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-            nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-            nn.Linear(projector_dim, encoder_dim),
+            nn.Linear(hidden_size, hidden_dim), nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
+            nn.Linear(hidden_dim, encoder_dim),
         )
         for m in self.mlp:  # REPA's SiT initialises every Linear, projectors included, with xavier-uniform / zero bias
             if isinstance(m, nn.Linear):
@@ -46,6 +46,11 @@ class REPAProjector(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden)  # (B, L, D) -> (B, L, D_enc)
+
+
+def build_projector(hidden_size: int, encoder_dim: int, *, hidden_dim: int = DEFAULT_PROJECTOR_DIM) -> REPAProjector:
+    """The REPA projector from the generator width (`net.hidden_size`) to the encoder's (`encoder.feature_dim`)."""
+    return REPAProjector(hidden_size, encoder_dim, hidden_dim)
 
 
 def resize_token_grid(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 class GeneratorOutput(NamedTuple):
     """What a generator returns when asked for its hidden tokens (`return_hidden=True`)."""
 
-    sample: torch.Tensor  # (B, C_out, H, W) network output
+    output: torch.Tensor  # (B, C_out, H, W) network output
     hidden: torch.Tensor  # (B, L, D) tokens after block `repa_depth` (REPA, arXiv:2410.06940 §3.2)
 
 
