@@ -383,6 +383,7 @@ def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[i
                        ("--grid-size", grid_size)):
         if int(value) < 1:
             raise ValueError(f"{key}={value}; expected a positive integer")
+    batch_size = min(batch_size, num)  # a function of (--batch, --num) only: the same on any process count / resume
     run_cfg = dataclasses.replace(gen.cfg, sample=dataclasses.replace(sample_cfg, seed=seed, num=num,
                                                                       batch_size=batch_size))
     validate(run_cfg)  # ConfigError naming sample.<key>
