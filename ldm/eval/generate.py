@@ -412,6 +412,7 @@ def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[i
     _barrier(world)
 
     todo = [i for i in range(num) if not png_path(out, i).is_file()]
+    _barrier(world)  # every process has listed the same files before any writes a new one
     mine = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]
     log.info("sampling %d of %d images into %s (%d already there) on %d process(es): %s, %d steps, cfg %g",
              len(todo), num, out, num - len(todo), world, sample_cfg.sampler, sample_cfg.steps, sample_cfg.cfg_scale)
