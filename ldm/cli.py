@@ -149,26 +149,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from ldm.config import DataCfg
+    from ldm.tokenizers.stats import compute_tokenizer_stats
 
-    import torch
-
-    from ldm.data.images import ImageDataset, open_source
-    from ldm.tokenizers.export import load_tokenizer
-    from ldm.tokenizers.stats import STATS_FILE, compute_latent_stats, save_latent_stats
-    from ldm.train.checkpoint import resolve_checkpoint
-
-    tok = load_tokenizer(args.tokenizer)
-    data = ImageDataset(open_source(args.data, args.image_size), args.image_size, crop="center")
-    n = min(args.num, len(data))
-    batches = (torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + args.batch))])
-               for s in range(0, n, args.batch))
-    stats = compute_latent_stats(tok.encode, batches, num_images=n, channels=tok.latent_channels,
-                                 fingerprint=tok.fingerprint)
-    folder = Path(args.tokenizer)
-    if (folder / "latest").exists() or (folder / "state.pt").exists():
-        folder = resolve_checkpoint(folder).parent.parent  # stats live in the run directory
-    path = save_latent_stats(stats, folder / STATS_FILE)
+    data = DataCfg(source=args.data, image_size=args.image_size, crop="center")
+    stats, path = compute_tokenizer_stats(args.tokenizer, data, num_images=args.num, batch_size=args.batch)
     print(f"latent statistics over {stats.num_images} images -> {path}\n  mean {stats.mean}\n  std {stats.std}\n"
           f"  scaling factor {stats.scaling_factor:.5f}")
     return 0
@@ -196,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`ldm train cfg.yaml --no-progress train.max_steps=5`)
+    target = "config" if hasattr(args, "config") else "overrides" if hasattr(args, "overrides") else None
+    if extra and target and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, target, [*getattr(args, target), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

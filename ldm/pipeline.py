@@ -52,25 +52,17 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
 # ------------------------------------------------------------------------------------------------------ stages
 def run_tokenizer(cfg: PipelineCfg, tok_cfg: RunConfig, progress: bool) -> dict:
     from ldm.tokenizers.export import load_tokenizer
-    from ldm.tokenizers.stats import STATS_FILE, compute_latent_stats, load_latent_stats, save_latent_stats
+    from ldm.tokenizers.stats import STATS_FILE, compute_tokenizer_stats, load_latent_stats
     from ldm.train.loop import fit
 
     run_dir = tok_cfg.run_dir
     skipped = _finished(run_dir, tok_cfg.train.max_steps)
     if not skipped:
         fit(tok_cfg, progress=progress)
-    tokenizer = load_tokenizer(run_dir)
     stats_file = run_dir / STATS_FILE
-    if not (stats_file.is_file() and load_latent_stats(stats_file).fingerprint == tokenizer.fingerprint):
-        from ldm.data.images import build_dataset
-
-        data = build_dataset(dataclasses.replace(tok_cfg.data, crop="center" if tok_cfg.data.crop == "random"
-                                                 else tok_cfg.data.crop, hflip=False))
-        n = min(tok_cfg.tokenizer.stats_num_images, len(data))
-        batches = (torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + 64))]) for s in range(0, n, 64))
-        stats = compute_latent_stats(tokenizer.encode, batches, num_images=n, channels=tokenizer.latent_channels,
-                                     fingerprint=tokenizer.fingerprint)
-        save_latent_stats(stats, stats_file)
+    fingerprint = load_tokenizer(run_dir).fingerprint
+    if not (stats_file.is_file() and load_latent_stats(stats_file).fingerprint == fingerprint):
+        compute_tokenizer_stats(run_dir, tok_cfg.data, num_images=tok_cfg.tokenizer.stats_num_images)
     stats = load_latent_stats(stats_file)
     metrics = _last_metrics(run_dir)
     return {"skipped": skipped, "run_dir": str(run_dir), "latent_stats": str(stats_file),
@@ -86,7 +78,7 @@ def run_latents(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
     out = Path(gen_cfg.data.latents)
     build_latent_cache(tokenizer, gen_cfg.data, out, flips=cfg.latent_flips, progress=progress)
     meta = read_cache_meta(out)
-    return {"cache": str(out), "count": meta.get("count"), "latent_shape": meta.get("latent_shape")}
+    return {"cache": str(out), "count": meta.count, "latent_shape": list(meta.latent_shape)}
 
 
 def run_generator(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
@@ -108,8 +100,9 @@ def run_sample(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
     gen = load_generator(gen_cfg.run_dir, device=device)
     out = cfg.run_dir / "samples"
     classes = list(range(gen.num_classes)) if gen.num_classes else None
-    grid = write_samples(gen, out / "grid", num=cfg.grid_per_class * max(1, gen.num_classes), classes=classes,
-                         label_order="grid", grid=True, npz=False, seed=gen.cfg.sample.seed, progress=progress)
+    n_grid = cfg.grid_per_class * max(1, gen.num_classes)
+    grid = write_samples(gen, out / "grid", num=n_grid, classes=classes, label_order="grid", grid=True,
+                         grid_size=n_grid, npz=False, seed=gen.cfg.sample.seed, progress=progress)
     fid_set = write_samples(gen, out / "fid", num=cfg.num_samples, classes=classes, grid=False, npz=True,
                             seed=gen.cfg.sample.seed + 1, progress=progress)
     return {"grid": str(grid["grid"]), "npz": str(fid_set["npz"]), "num": cfg.num_samples,
