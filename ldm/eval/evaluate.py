@@ -35,7 +35,7 @@ import torch
 
 from ldm.eval.extractors import Extractor, InceptionExtractor, build_extractor
 from ldm.eval.features import dist_info, extract_features, gather_by_index, iter_batch_shards, prefetch, to_nchw
-from ldm.eval.fid import GaussianStats, frechet_distance, has_stats, load_stats, save_stats, stats_from_features
+from ldm.eval.fid import frechet_distance, has_stats, load_stats, save_stats, stats_from_features
 from ldm.eval.metrics import inception_score, precision_recall, psnr, ssim
 
 logger = logging.getLogger(__name__)

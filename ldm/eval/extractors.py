@@ -11,28 +11,41 @@ the preprocessing, for the reference-statistics cache.
 Built-in extractors (EXTRACTORS):
   inception  the FID Inception-v3 (ldm/eval/inception.py), TF-2015 weights from a local file.
   dinov2     DINOv2 ViT-L/14 CLS token as in Stein et al. 2023 (arXiv:2306.04675, dgm-eval `models/dinov2.py`):
-             bicubic resize to 224, ImageNet mean/std; built with timm from a local checkpoint (official
-             `dinov2_vitl14_pretrain.pth` or timm format). timm resamples the position embeddings to 224 once, at
-             load time, instead of per forward as the official hub model does; features agree closely but not bit
-             for bit with dgm-eval's.
+             bicubic resize to 224, ImageNet mean/std; the timm architecture and local-weights loading of
+             ldm/encoders.py (official `dinov2_vitl14_pretrain.pth` or timm format). timm resamples the position
+             embeddings to 224 once, at load time, instead of per forward as the official hub model does, and the
+             resize runs on tensors rather than PIL images: FD_dinov2 is close to, not bit for bit, dgm-eval's.
   digits     the small digits classifier (ldm/eval/digits_classifier.py), weights committed in ldm/assets.
 Any other nn.Module mapping preprocessed float images to (B, D) works through `ModuleExtractor`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.encoders import IMAGENET_MEAN, IMAGENET_STD
+
 OUTPUT_KEYS = ("features", "spatial", "logits")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device):
+    """Disable TF32 convolutions on CUDA while extracting (PyTorch allows them by default; they shift features by
+    ~1e-3 relative, far more than the float32 port's 1e-5 agreement with the TF graph). No-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -89,7 +102,8 @@ class InceptionExtractor(Extractor):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grey -> RGB
         rename = {"features": "pool", "spatial": "spatial", "logits": "logits"}
-        out = self.net(x, outputs=tuple(rename[k] for k in outputs))
+        with full_precision(x.device):
+            out = self.net(x, outputs=tuple(rename[k] for k in outputs))
         return {k: out[rename[k]] for k in outputs}
 
 
@@ -135,12 +149,13 @@ class ModuleExtractor(Extractor):
 
     def forward(self, x: torch.Tensor, outputs: tuple[str, ...] = ("features",)) -> dict[str, torch.Tensor]:
         outputs = self.check_outputs(tuple(outputs))
-        y = self.preprocess(x)
         out = {}
-        if "features" in outputs:
-            out["features"] = self.net(y).float().flatten(1)  # (B, D)
-        if "logits" in outputs:
-            out["logits"] = self.logits_fn(y).float()  # (B, K)
+        with full_precision(x.device):
+            y = self.preprocess(x)
+            if "features" in outputs:
+                out["features"] = self.net(y).float().flatten(1)  # (B, D)
+            if "logits" in outputs:
+                out["logits"] = self.logits_fn(y).float()  # (B, K)
         return out
 
 
@@ -151,35 +166,20 @@ def build_inception(weights: str | os.PathLike | None = None, *, download: bool 
     return InceptionExtractor(load_inception(weights, download=download))
 
 
-DINOV2_FILENAME = "dinov2_vitl14_pretrain.pth"
 DINOV2_ENV = "LDM_DINOV2_WEIGHTS"
 
 
 def build_dinov2(weights: str | os.PathLike | None = None) -> ModuleExtractor:
-    """DINOv2 ViT-L/14 (timm architecture) from a local checkpoint: `weights`, $LDM_DINOV2_WEIGHTS, or the torch hub
-    cache's checkpoints/dinov2_vitl14_pretrain.pth (where torch.hub.load('facebookresearch/dinov2') stores it)."""
+    """DINOv2 ViT-L/14 CLS features (timm architecture) from a local checkpoint: `weights`, $LDM_DINOV2_WEIGHTS, or
+    the caches `ldm.encoders.find_weights` searches (torch hub checkpoints/dinov2_vitl14_pretrain.pth, Hugging Face
+    timm/vit_large_patch14_dinov2.lvd142m)."""
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if weights is not None:
-        candidates = [Path(weights)]
-    else:
-        candidates = [Path(os.environ[DINOV2_ENV])] if os.environ.get(DINOV2_ENV) else []
-        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / DINOV2_FILENAME)
-    file = next((c for c in candidates if c.is_file()), None)
-    if file is None:
-        looked = "\n  ".join(map(str, candidates))
-        raise FileNotFoundError(f"DINOv2 ViT-L/14 weights not found. Looked for:\n  {looked}\nDownload "
-                                f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{DINOV2_FILENAME} and pass its "
-                                f"path (--extractor-weights) or set {DINOV2_ENV}.")
-    model = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ldm.encoders import ENCODERS, find_weights, load_vit_weights
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    path = find_weights("dinov2_vitl14", weights if weights is not None else os.environ.get(DINOV2_ENV))
+    model = timm.create_model(ENCODERS["dinov2_vitl14"][0], pretrained=False, img_size=224, num_classes=0)
+    load_vit_weights(model, path)  # model(x) is then the final-norm CLS token (B, 1024), dinov2's x_norm_clstoken
     pre = ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, mode="bicubic")
     return ModuleExtractor(model, "dinov2", pre, description=f"dinov2 vitl14 CLS; {pre!r}")
 

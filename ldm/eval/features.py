@@ -1,9 +1,10 @@
 """Batched, sharded feature extraction: run an Extractor over this process's image batches, gather all processes'
 rows and order them by global image index, so 1 or N processes (accelerate launch / torchrun) give the same arrays.
 
-Batches are (uint8 NHWC numpy array, int64 global indices) pairs of one process's shard (`iter_batch_shards`). Decoding runs in a background thread one batch ahead of the network. Gathering pads every
-process's rows to the largest count, all-gathers them with torch.distributed (NCCL on GPUs, gloo on CPU) and drops
-the padding; every process receives the full, index-ordered result.
+Batches are (uint8 NHWC numpy array, int64 global indices) pairs of one process's shard (`iter_batch_shards`).
+Decoding runs in a background thread one batch ahead of the network. Gathering pads every process's rows to the
+largest count, all-gathers them with torch.distributed (NCCL on GPUs, gloo on CPU) and drops the padding; every
+process receives the full, index-ordered result.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def gather_by_index(arrays: dict[str, np.ndarray], indices: np.ndarray) -> tuple
     """All-gather per-process rows and sort them by global index; checks that no index appears twice."""
     rank, world = dist_info()
     if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         indices = _gather_rows(torch.from_numpy(indices), device).numpy()
         arrays = {k: _gather_rows(torch.from_numpy(v), device).numpy() for k, v in arrays.items()}
     order = np.argsort(indices, kind="stable")

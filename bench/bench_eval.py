@@ -1,0 +1,134 @@
+"""Benchmark: FID feature extraction, ours vs torch-fidelity vs torchmetrics, and end-to-end `ldm eval fid`.
+
+    python bench/bench_eval.py                       # extraction images/s, CPU, 64 crops of 64 px, batch 32
+    python bench/bench_eval.py --device cuda --n 512 --batch 128
+    python bench/bench_eval.py --e2e 1000            # + evaluate_samples (FID, sFID, P/R) on 1000 vs 1000 images
+
+All three extractors run in this process on the same uint8 images (random crops of the photographs in ../shared/images,
+or $LDM_SHARED/images), with the same weights file (../shared/weights/fid_inception_v3_tf2015.pth or --weights). Runs
+are interleaved (ours, torch-fidelity, torchmetrics, ours, ...) so machine load hits all of them alike; the table
+reports the best of --repeats timed passes after one warm-up pass, and the ratio to torch-fidelity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("LDM_SHARED", REPO.parent / "shared"))
+
+
+def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
+    """n random square crops of the shared photos, resized to size: uint8 (n, size, size, 3)."""
+    files = sorted(p for p in (shared_dir() / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        s = int(rng.integers(64, min(h, w)))
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        out.append(np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC)))
+    return np.stack(out)
+
+
+def extractors(weights: str, device: torch.device) -> dict:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ldm.eval.extractors import InceptionExtractor
+    from ldm.eval.inception import load_inception
+
+    ours = InceptionExtractor(load_inception(weights, device=device))
+    unfolded = InceptionExtractor(load_inception(weights, device=device, fold_batchnorm=False))
+    tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device)
+    tm = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, antialias=False).to(device)
+    return {
+        "ours": lambda x: ours(x, outputs=("features",))["features"],
+        "ours (BN unfolded)": lambda x: unfolded(x, outputs=("features",))["features"],
+        "ours (pool+spatial+logits)": lambda x: ours(x, outputs=("features", "spatial", "logits"))["features"],
+        "torch-fidelity 0.4": lambda x: tf(x)[0],
+        "torchmetrics (antialias=False)": lambda x: tm.inception(x),
+    }
+
+
+@torch.inference_mode()
+def bench_extraction(images: np.ndarray, batch: int, repeats: int, weights: str, device: torch.device) -> dict:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    fns = extractors(weights, device)
+    times = {k: [] for k in fns}
+    feats = {}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = [fn(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep > 0:
+                times[name].append(time.perf_counter() - start)
+            feats[name] = torch.cat(out).float().cpu()
+    ref = feats["torch-fidelity 0.4"]
+    return {name: {"img_s": len(x) / min(t), "max_diff": float((feats[name] - ref).abs().max())}
+            for name, t in times.items()}
+
+
+def bench_e2e(n: int, weights: str, device: torch.device, batch: int) -> dict:
+    from ldm.eval.evaluate import evaluate_samples
+    from ldm.eval.extractors import build_extractor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "samples.npz", arr_0=photo_crops(n, 64, seed=1))
+        np.savez(Path(tmp) / "ref.npz", arr_0=photo_crops(n, 64, seed=2))
+        ext = build_extractor("inception", weights)
+        start = time.perf_counter()
+        res = evaluate_samples(str(Path(tmp) / "samples.npz"), str(Path(tmp) / "ref.npz"), extractor=ext,
+                               metrics=("fd", "sfid", "pr"), batch_size=batch, use_cache=False, device=device,
+                               progress=False)
+        res["seconds"] = time.perf_counter() - start
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=64, help="images per timed pass")
+    p.add_argument("--size", type=int, default=64, help="input side in px (resized to 299 inside the networks)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--weights", default=str(shared_dir() / "weights" / "fid_inception_v3_tf2015.pth"))
+    p.add_argument("--e2e", type=int, default=0, help="also time evaluate_samples on N samples vs N references")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {args.n} images of {args.size} px, batch {args.batch}, "
+          f"best of {args.repeats}")
+    res = bench_extraction(photo_crops(args.n, args.size, seed=0), args.batch, args.repeats, args.weights, device)
+    base = res["torch-fidelity 0.4"]["img_s"]
+    print(f"{'extractor':<32s} {'images/s':>9s} {'vs torch-fidelity':>18s} {'max |feature diff|':>19s}")
+    for k, v in res.items():
+        print(f"{k:<32s} {v['img_s']:9.2f} {v['img_s'] / base:17.2f}x {v['max_diff']:19.2e}")
+    if args.e2e:
+        out = bench_e2e(args.e2e, args.weights, device, args.batch)
+        print(f"evaluate_samples (FID + sFID + precision/recall), {args.e2e} samples vs {args.e2e} references: "
+              f"{out['seconds']:.1f} s  (fid {out['fid']:.3f}, sfid {out['sfid']:.3f}, "
+              f"precision {out['precision']:.3f}, recall {out['recall']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
