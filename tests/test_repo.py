@@ -28,3 +28,16 @@ def test_cli_help_and_bad_key():
     assert bad.returncode == 2
     assert "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_readme_pictures_exist_and_links_resolve():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert pictures, "the README shows the project's own pictures"
+    for rel in pictures:
+        assert rel.startswith("assets/") and (REPO / rel).is_file(), rel
+    assert "python -m ldm.tools.make_assets" in readme  # the command that regenerates them
+    for rel in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (REPO / rel).is_file(), rel
