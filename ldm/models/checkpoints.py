@@ -142,7 +142,8 @@ def convert_official_state_dict(
             key = re.sub(pattern, repl, key)
         out[key] = value
     if kwargs["use_rope"]:  # their table: cos/sin of each pair's angle, repeated for both channels of the pair
-        angles = rope_2d_angles(kwargs["hidden_size"] // kwargs["num_heads"], kwargs["input_size"] // kwargs["patch_size"])
+        head_dim, grid = kwargs["hidden_size"] // kwargs["num_heads"], kwargs["input_size"] // kwargs["patch_size"]
+        angles = rope_2d_angles(head_dim, grid)
         for name, fn in (("freqs_cos", torch.cos), ("freqs_sin", torch.sin)):
             if not torch.allclose(sd[f"feat_rope.{name}"].float(), fn(angles).repeat_interleave(2, -1), atol=1e-5):
                 raise ValueError(f"feat_rope.{name} differs from the 2-D RoPE table of this grid/head size")

@@ -30,7 +30,6 @@ habit of discarding the second half inside forward is handled at import time ins
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 import torch
@@ -51,8 +50,6 @@ from ldm.models.layers import (
     sincos_pos_embed_2d,
     swiglu_hidden,
 )
-
-logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
@@ -87,8 +84,8 @@ class Attention(nn.Module):
         if self.backend == "xformers":
             import xformers.ops as xops  # checked at construction
 
-            o = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, L, H, Dh)
-            o = o.reshape(B, L, D)
+            q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, H, Dh), xformers' layout
+            o = xops.memory_efficient_attention(q, k, v).reshape(B, L, D)  # (B, L, D)
         else:
             o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
             o = o.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
@@ -181,7 +178,8 @@ class DiT(nn.Module):
             try:
                 import xformers.ops  # noqa: F401
             except ImportError as e:
-                raise ImportError("attn_backend='xformers' needs the xformers package: pip install 'ldm[xformers]'") from e
+                raise ImportError("attn_backend='xformers' needs the xformers package: "
+                                  "pip install 'ldm[xformers]'") from e
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = in_channels
         self.learn_sigma = learn_sigma

@@ -114,7 +114,8 @@ class UNetGenerator(nn.Module):
                 raise ValueError("return_hidden=True needs the UNet's mid block")
             hook = self.unet.mid_block.register_forward_hook(lambda mod, args, out: captured.append(out))
         try:
-            out = self.unet(x, self.t_shift + self.t_scale * t, class_labels=y, return_dict=False)[0]  # (B, C_out, H, W)
+            out = self.unet(x, self.t_shift + self.t_scale * t, class_labels=y, return_dict=False)[0]
+            # out: (B, C_out, H, W)
         finally:
             if hook is not None:
                 hook.remove()
