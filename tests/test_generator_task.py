@@ -79,6 +79,41 @@ def test_eps_prediction_ddpm_learns(tmp_path, vae_dir):
     assert after < 0.7 * before, (before, after)
 
 
+def test_unet_learns(tmp_path, vae_dir):
+    before, after, task, _ = _train_and_compare(tmp_path, vae_dir, 120, "model.arch=unet",
+                                                "model.unet_block_out_channels=[32,64]", "model.unet_layers_per_block=1")
+    assert after < 0.7 * before, (before, after)
+    assert type(task.model).__name__ == "UNetGenerator"
+
+
+def test_repa_trains_and_its_loss_falls(tmp_path, vae_dir):
+    """REPA with a tiny random ViT as the frozen encoder (no pretrained weights offline): the alignment term falls."""
+    import json
+
+    import timm
+
+    import ldm.encoders as encoders
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0,
+                            embed_dim=48, depth=2, num_heads=2)
+    encoder = encoders.FrozenEncoder(vit, image_size=32, patch_size=8, feature_dim=48, num_prefix_tokens=1)
+    cfg = _cfg(tmp_path, vae_dir, "train.max_steps=80", "diffusion.repa=true", "diffusion.repa_depth=1",
+               "diffusion.repa_proj_dim=64", "train.log_every=10")
+    import ldm.train.generator_task as gt
+
+    original = encoders.build_encoder
+    encoders.build_encoder = lambda name, weights_path=None: encoder
+    try:
+        torch.manual_seed(0)
+        task, data = gt.build_generator_task(cfg)
+    finally:
+        encoders.build_encoder = original
+    fit(cfg, task, data, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    repa = [r["train/repa"] for r in rows if "train/repa" in r]
+    assert len(repa) == 8 and repa[-1] < repa[0] - 0.05, repa
+
+
 def test_latent_normalizer_round_trip():
     z = torch.randn(2, 3, 4, 4) * 3 + 1
     for norm in (LatentNormalizer("channel", 3, mean=[1.0, 2.0, 3.0], std=[2.0, 3.0, 4.0]),

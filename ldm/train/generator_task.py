@@ -95,14 +95,15 @@ def build_generator_model(model_cfg, *, latent_channels: int, latent_size: int, 
                          use_rmsnorm=model_cfg.use_rmsnorm, use_rope=model_cfg.use_rope,
                          use_qknorm=model_cfg.use_qknorm, repa_depth=repa_depth,
                          grad_checkpointing=model_cfg.grad_checkpointing)
-    from ldm.models.unet import build_unet
+    from ldm.models.unet import UNetGenerator
 
     if repa_depth is not None:
         raise ValueError("diffusion.repa needs model.arch=dit (REPA aligns transformer hidden states)")
-    return build_unet(sample_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
-                      block_out_channels=tuple(model_cfg.unet_block_out_channels),
-                      layers_per_block=model_cfg.unet_layers_per_block, learn_sigma=model_cfg.learn_sigma,
-                      class_dropout_prob=model_cfg.class_dropout)
+    widths = tuple(model_cfg.unet_block_out_channels)
+    return UNetGenerator(input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
+                         block_out_channels=widths, layers_per_block=model_cfg.unet_layers_per_block,
+                         learn_sigma=model_cfg.learn_sigma, class_dropout_prob=model_cfg.class_dropout,
+                         norm_num_groups=min(32, *widths))
 
 
 def _prediction_and_path(cfg: RunConfig) -> tuple[Path, str]:
