@@ -1,6 +1,6 @@
 """Images/s of ldm's samplers at ~50 NFE vs the matching diffusers scheduler loop, same network, same process, CPU.
 
-    python bench/bench_samplers.py [--models tiny,S/2] [--batch 8] [--repeats 3] [--threads 0]
+    python bench/bench_samplers.py [--models tiny,S/2] [--batch tiny=8,S/2=2] [--repeats 3] [--threads 1]
 
 The network is diffusers' DiTTransformer2DModel (no learned sigma, no CFG), built at random init:
   tiny  2 layers x 64 wide (2 heads), 8x8x4 latents, patch 2 (16 tokens)
@@ -15,7 +15,8 @@ Pairs (ldm sampler / diffusers scheduler), ldm time t = (i + 1) / 1000 for DDPM 
   heun            sample_heun, 25 steps             / HeunDiscreteScheduler, 25 steps  (49 NFE each)
   euler (flow)    sample_euler on "linear"          / FlowMatchEulerDiscreteScheduler  50 NFE
   euler_maruyama  sample_euler_maruyama (SiT grid)  / (no diffusers peer)      50 NFE
-Timings alternate ldm / diffusers runs and report the median of --repeats runs.
+Timings alternate ldm / diffusers runs and report the median of --repeats runs. One thread by default: on a shared
+CPU, torch's multi-threaded kernels slow down by 10-100x under contention and make the numbers meaningless.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from diffusers import (
 )
 
 from ldm.diffusion.paths import get_path
-from ldm.diffusion.samplers import SAMPLERS, make_denoiser
+from ldm.diffusion.samplers import SAMPLERS, make_denoiser, time_grid
 
 MODELS = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=8, norm_num_groups=32),
@@ -89,7 +90,7 @@ def pairs():
 
 def ldm_times(label, path, steps, scheduler):
     if label == "euler_maruyama":  # SiT/REPA: linspace(1, 0.04, K) then the mean step to 0
-        return torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        return time_grid(steps, "sde")
     if path.name == "linear":
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if label.startswith("heun"):  # Heun's grid in t: the scheduler's first-stage timesteps, then 0
@@ -108,20 +109,22 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,S/2", help=f"comma list of {sorted(MODELS)}")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="tiny=8,S/2=2", help="per-model batch sizes, name=B comma list")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, median of {args.repeats}")
-    print("| model | sampler | NFE | ldm img/s | diffusers img/s | ldm / diffusers |")
-    print("|---|---|---|---|---|---|")
+    batches = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(","))}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}", flush=True)
+    print("| model | batch | sampler | NFE | ldm img/s | diffusers img/s | ldm / diffusers |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for name in args.models.split(","):
+        batch = batches[name]
         net = build_net(name)
         size = MODELS[name]["sample_size"]
-        x_T = torch.randn(args.batch, 4, size, size, generator=torch.Generator().manual_seed(1))
-        y = torch.arange(args.batch) % 1000
+        x_T = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(1))
+        y = torch.arange(batch) % 1000
         with torch.no_grad():
             for label, sampler, pname, prediction, steps, kw, sched, d_steps in pairs():
                 path = get_path(pname)
@@ -138,12 +141,13 @@ def main() -> None:
                     if sched is not None:
                         theirs.append(timed(lambda: diffusers_loop(net, sched, x_T, y, d_steps,
                                                                    generator=torch.Generator().manual_seed(2))))
-                ips = args.batch / statistics.median(ours)
+                ips = batch / statistics.median(ours)
                 if sched is None:
-                    print(f"| {name} | {label} | {len(nfe)} | {ips:.1f} | - | - |")
+                    print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | - | - |", flush=True)
                 else:
-                    dips = args.batch / statistics.median(theirs)
-                    print(f"| {name} | {label} | {len(nfe)} | {ips:.1f} | {dips:.1f} | {ips / dips:.2f} |")
+                    dips = batch / statistics.median(theirs)
+                    print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | {dips:.2f} | {ips / dips:.2f} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

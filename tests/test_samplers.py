@@ -89,10 +89,7 @@ def test_samplers_reach_gaussian_data(name, pname, prediction, steps, grid, kw, 
     n = 2000
     x_T = _noise(n, seed=1)
     x_T = (x_T - x_T.mean(0)) / x_T.std(0)  # standardised: the exact ODE map then gives exactly mean MU, std S
-    if name == "euler_maruyama":  # SiT's grid: linspace(1, 0.04, K) then the mean step to 0
-        ts = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    else:
-        ts = time_grid(steps, **grid)
+    ts = time_grid(steps, "sde") if name == "euler_maruyama" else time_grid(steps, **grid)
     den = make_denoiser(gaussian_model(path, prediction), path=path, prediction=prediction)
     x = get_sampler(name)(den, x_T, ts, path=path, generator=torch.Generator().manual_seed(2), **kw)
     if tol is None:  # stochastic: the sample moments of n draws
@@ -129,7 +126,7 @@ def test_samplers_reach_gaussian_mixture(name, steps):
     x_T = _noise(n, d=1, seed=3)
     ts = time_grid(steps, t_max=0.999)
     if name == "euler_maruyama":
-        ts = torch.cat([torch.linspace(0.999, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        ts = time_grid(steps, "sde", t_max=0.999)
     den = make_denoiser(gmm_model(path, weights, means, stds), path=path, prediction="velocity")
     x = get_sampler(name)(den, x_T, ts, path=path, generator=torch.Generator().manual_seed(4))[:, 0]
     frac_left = float((x < -0.25).double().mean())  # the components are separated at -0.25
@@ -284,7 +281,8 @@ def test_euler_maruyama_matches_repa_update():
     path = get_path("linear")
     model = gaussian_model(path, "velocity")
     steps = 12
-    ts = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    ts = time_grid(steps, "sde")  # SiT/REPA: linspace(1, 0.04, K), then 0
+    assert torch.allclose(ts, torch.tensor([1 - 0.96 * k / 11 for k in range(12)] + [0.0], dtype=torch.float64))
     x_T = _noise(5, seed=12)
     g = torch.Generator().manual_seed(13)
     x = x_T.clone()

@@ -87,7 +87,7 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
 
 # --- time grids ---------------------------------------------------------------------------------------------------
 
-TIME_GRIDS = ("uniform", "shifted", "karras", "respaced")
+TIME_GRIDS = ("uniform", "shifted", "karras", "respaced", "sde")
 
 
 def respaced_indices(num_timesteps: int, num_steps: int) -> list[int]:
@@ -100,7 +100,7 @@ def respaced_indices(num_timesteps: int, num_steps: int) -> list[int]:
 
 def time_grid(n: int, kind: str = "uniform", *, path: Path | None = None, t_max: float = 1.0, t_min: float = 0.0,
               shift: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-              num_timesteps: int = 1000) -> Tensor:
+              num_timesteps: int = 1000, last_step_size: float = 0.04) -> Tensor:
     """n steps as n + 1 decreasing float64 times.
 
     uniform   t_i = t_max + i / n (t_min - t_max).
@@ -109,6 +109,8 @@ def time_grid(n: int, kind: str = "uniform", *, path: Path | None = None, t_max:
     karras    Karras et al. 2022 Eq. 5 in EDM sigma = sigma / alpha: sigma_i = (sigma_max^(1/rho) + i / (n - 1)
               (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < n, then 0; mapped to t with path.t_from_nsr.
     respaced  DiT's respacing of a T = num_timesteps DDPM: t = (i + 1) / T for the respaced_indices, then t = 0.
+    sde       SiT / REPA's Euler-Maruyama grid: n times from t_max to last_step_size evenly, then t = 0 (the last
+              interval is sample_euler_maruyama's "mean" step; n steps = n NFE as SiT's num_sampling_steps).
     """
     if n < 1:
         raise ValueError(f"time grid n={n}; expected at least 1 step")
@@ -119,6 +121,10 @@ def time_grid(n: int, kind: str = "uniform", *, path: Path | None = None, t_max:
             raise ValueError(f"t_max={t_max}, t_min={t_min}; expected 0 <= t_min < t_max <= 1")
         ts = torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)
         return shift_time(ts, shift) if kind == "shifted" else ts
+    if kind == "sde":
+        if n < 2 or not 0.0 < last_step_size < t_max <= 1.0:
+            raise ValueError(f"time_grid(kind='sde') needs n >= 2 and 0 < last_step_size={last_step_size} < t_max={t_max}")
+        return torch.cat([torch.linspace(t_max, last_step_size, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     if kind == "karras":
         if path is None:
             raise ValueError("time_grid(kind='karras') needs path= to map EDM sigmas to t")
