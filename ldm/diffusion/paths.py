@@ -227,18 +227,23 @@ class DiscretePath(Path):
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T,): alpha_bar_i, Ho et al. 2020 Eq. 4
         self._knots = torch.arange(self.num_timesteps + 1, dtype=torch.float64) / self.num_timesteps  # k / T
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])  # (T + 1,)
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _table(self, device) -> tuple[Tensor, Tensor]:
+        """(knots, log alpha_bar at the knots) on `device`, copied once per device."""
+        if device not in self._on_device:
+            self._on_device[device] = (self._knots.to(device), self._log_ab.to(device))
+        return self._on_device[device]
 
     def _log_alpha_bar(self, t):
         t = _time(t)
-        if self._knots.device != t.device:
-            self._knots, self._log_ab = self._knots.to(t.device), self._log_ab.to(t.device)
-        return _interp(t.reshape(-1), self._knots, self._log_ab).reshape(t.shape)
+        return _interp(t.reshape(-1), *self._table(t.device)).reshape(t.shape)
 
     def _slope(self, t):
         """d log alpha_bar / dt on the knot segment holding t (piecewise constant)."""
         t = _time(t)
         seg = torch.floor(t * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
-        log_ab = self._log_ab.to(t.device)
+        log_ab = self._table(t.device)[1]
         return (log_ab[seg + 1] - log_ab[seg]) * self.num_timesteps
 
     def alpha(self, t):
@@ -260,7 +265,8 @@ class DiscretePath(Path):
     def t_from_nsr(self, nsr):
         nsr = _time(nsr)
         target = -torch.log1p(nsr**2)  # log alpha_bar = -log(1 + nsr^2); log alpha_bar decreases in t
-        t = _interp(-target.reshape(-1), -self._log_ab.to(nsr.device), self._knots.to(nsr.device))
+        knots, log_ab = self._table(nsr.device)
+        t = _interp(-target.reshape(-1), -log_ab, knots)
         return t.reshape(nsr.shape).clamp(0, 1)
 
     def model_time(self, t):
