@@ -30,19 +30,20 @@ def _add_common(p: argparse.ArgumentParser, extractor: bool = True) -> None:
                        help=EXTRACTOR_HELP)
         p.add_argument("--extractor-weights", "--inception-weights", dest="extractor_weights", metavar="PATH",
                        default=None, help="weights file of the extractor (inception: pt_inception-2015-12-05-"
-                       "6726825d.pth; default search: $LDM_INCEPTION_WEIGHTS, then the torch hub cache)")
+                       "6726825d.pth); when omitted: $LDM_INCEPTION_WEIGHTS, then the torch hub cache")
         p.add_argument("--download-inception", action="store_true",
                        help="allow downloading pytorch-fid's Inception weights into the torch hub cache when no "
                             "local file is found (needs internet; off by default)")
         p.add_argument("--fd-method", default="eigh", choices=["eigh", "sqrtm"],
                        help="Fréchet distance: eigh (fast, exact) or sqrtm (the ADM/TTUR scipy path)")
         p.add_argument("--cache-dir", default=None, metavar="DIR",
-                       help="reference-statistics cache (default $LDM_CACHE_DIR/fid_stats or ~/.cache/ldm/fid_stats)")
+                       help="reference-statistics cache; when omitted: $LDM_CACHE_DIR/fid_stats, else "
+                            "~/.cache/ldm/fid_stats")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch per process")
     p.add_argument("--image-size", type=int, default=None, metavar="PX",
-                   help="ADM centre-crop every image to PX x PX first (default: images must share one size)")
-    p.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+                   help="ADM centre-crop every image to PX x PX first; when omitted, images must share one size")
+    p.add_argument("--device", default=None, help="torch device; when omitted, this process's accelerate device")
     p.add_argument("--metrics-jsonl", default=None, metavar="PATH", help="append the results to this JSON-lines file")
     p.add_argument("--run", default=None, metavar="DIR", help="a run directory: append to DIR/metrics.jsonl")
     p.add_argument("--step", type=int, default=None, help="training step recorded with the results")
@@ -72,8 +73,8 @@ def register(subparsers) -> None:
                                    "are cached on disk.")
     p.add_argument("--samples", required=True, help="generated images (folder, archive or .npz)")
     p.add_argument("--ref", required=True, help="reference images or statistics .npz")
-    p.add_argument("--num-samples", type=int, default=None, help="use the first N samples (default: all)")
-    p.add_argument("--ref-num", type=int, default=None, help="use the first N reference images (default: all)")
+    p.add_argument("--num-samples", type=int, default=None, help="use the first N samples; all when omitted")
+    p.add_argument("--ref-num", type=int, default=None, help="use the first N reference images; all when omitted")
     p.add_argument("--metrics", default="fd,sfid,is,pr",
                    help="comma list of fd (FID / FD_<extractor>), sfid, is, pr (precision/recall, k=3)")
     _add_common(p)
@@ -85,10 +86,10 @@ def register(subparsers) -> None:
                                    "per-image PSNR / SSIM / LPIPS-VGG.")
     p.add_argument("--tokenizer", required=True, help="tokenizer run dir, checkpoint, export or diffusers VAE folder")
     p.add_argument("--data", required=True, help="images (folder, archive, .npz or 'digits')")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N images; all when omitted")
     p.add_argument("--metrics", default="rfd,psnr,ssim,lpips", help="comma list of rfd, psnr, ssim, lpips")
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="torchvision vgg16 weights for LPIPS (default: torchvision's cache)")
+                   help="torchvision vgg16 weights for LPIPS; when omitted, torchvision's cache")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     _add_common(p)
     p.set_defaults(func=_user_errors(cmd_rfid))
@@ -98,10 +99,10 @@ def register(subparsers) -> None:
                                    "or array rows): rFID, mean PSNR / SSIM / LPIPS-VGG.")
     p.add_argument("--recons", required=True, help="reconstructed images (folder, archive or .npz)")
     p.add_argument("--data", required=True, help="original images, same count and order")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N pairs (default: all)")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N pairs; all when omitted")
     p.add_argument("--metrics", default="rfd,psnr,ssim,lpips", help="comma list of rfd, psnr, ssim, lpips")
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="torchvision vgg16 weights for LPIPS (default: torchvision's cache)")
+                   help="torchvision vgg16 weights for LPIPS; when omitted, torchvision's cache")
     _add_common(p)
     p.set_defaults(func=_user_errors(cmd_recon))
 
@@ -110,9 +111,13 @@ def register(subparsers) -> None:
                                    "as an ADM-layout .npz usable as --ref (features for precision/recall included).")
     p.add_argument("--data", required=True, help="images (folder, archive, .npz or 'digits')")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N images; all when omitted")
     _add_common(p)
     p.set_defaults(func=_user_errors(cmd_stats))
+
+    from ldm.eval.latent_commands import register_latents  # `ldm eval latents` (latent-space diagnostics)
+
+    register_latents(sub)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -153,7 +158,8 @@ def _describe(key: str, value: float) -> str:
         label = labels[key]
     else:  # fd_digits -> FD_digits, precision_digits -> precision (digits features), ...
         base, _, name = key.partition("_")
-        label = {"fd": f"FD_{name}", "rfd": f"rFD_{name}"}.get(base, f"{base} ({name} features)")
+        label = {"fd": f"FD_{name}", "rfd": f"rFD_{name}", "is": f"IS_{name} ({name} classifier)"}.get(
+            base, f"{base} ({name} features, k=3)")
     return f"  {label:<34s} {value:.6g}"
 
 
