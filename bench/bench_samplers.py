@@ -1,8 +1,9 @@
 """Images/s of ldm's samplers at ~50 NFE vs the matching diffusers scheduler loop, same network, same process, CPU.
 
-    python bench/bench_samplers.py [--models tiny,S/2] [--batch tiny=8,S/2=2] [--repeats 3] [--threads 1]
+    python bench/bench_samplers.py [--models null,tiny,S/2] [--batch null=8,tiny=8,S/2=2] [--repeats 3] [--threads 1]
 
 The network is diffusers' DiTTransformer2DModel (no learned sigma, no CFG), built at random init:
+  null  no network at all (output = 0.1 x): the samplers' own cost per step, 8x8x4 latents
   tiny  2 layers x 64 wide (2 heads), 8x8x4 latents, patch 2 (16 tokens)
   S/2   12 layers x 384 wide (6 heads), 16x16x4 latents, patch 2 (64 tokens) — DiT-S/2 on 128 px images
 Both loops call the same net the same number of times, so the ratio measures the sampler's own cost per step
@@ -33,18 +34,29 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ldm.diffusion.paths import get_path
 from ldm.diffusion.samplers import SAMPLERS, make_denoiser, time_grid
 
 MODELS = {
+    "null": dict(sample_size=8),
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=8, norm_num_groups=32),
     "S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, sample_size=16, norm_num_groups=32),
 }
 NFE = 50
 
 
-def build_net(name: str) -> DiTTransformer2DModel:
+class NullNet(torch.nn.Module):
+    """Stands in for the network so that only the sampler loops are timed."""
+
+    def forward(self, x, timestep=None, class_labels=None):
+        return Transformer2DModelOutput(sample=0.1 * x)
+
+
+def build_net(name: str) -> torch.nn.Module:
+    if name == "null":
+        return NullNet()
     torch.manual_seed(0)
     net = DiTTransformer2DModel(in_channels=4, out_channels=4, patch_size=2, num_embeds_ada_norm=1000, **MODELS[name])
     return net.eval()
@@ -108,8 +120,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,S/2", help=f"comma list of {sorted(MODELS)}")
-    ap.add_argument("--batch", default="tiny=8,S/2=2", help="per-model batch sizes, name=B comma list")
+    ap.add_argument("--models", default="null,tiny,S/2", help=f"comma list of {sorted(MODELS)}")
+    ap.add_argument("--batch", default="null=8,tiny=8,S/2=2", help="per-model batch sizes, name=B comma list")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -142,7 +154,12 @@ def main() -> None:
                         theirs.append(timed(lambda: diffusers_loop(net, sched, x_T, y, d_steps,
                                                                    generator=torch.Generator().manual_seed(2))))
                 ips = batch / statistics.median(ours)
-                if sched is None:
+                if name == "null":  # report the sampler's own milliseconds per step
+                    ms = 1e3 * statistics.median(ours) / len(nfe)
+                    dms = 1e3 * statistics.median(theirs) / len(nfe) if sched is not None else float("nan")
+                    print(f"| null | {batch} | {label} | {len(nfe)} | {ms:.3f} ms/NFE | {dms:.3f} ms/NFE | "
+                          f"{dms / ms:.2f} |", flush=True)
+                elif sched is None:
                     print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | - | - |", flush=True)
                 else:
                     dips = batch / statistics.median(theirs)

@@ -235,15 +235,20 @@ class DiscretePath(Path):
             self._on_device[device] = (self._knots.to(device), self._log_ab.to(device))
         return self._on_device[device]
 
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Knot segment k = floor(T t) (clamped to 0 .. T-1) holding t, T t, and the table on t's device."""
+        u = t * self.num_timesteps
+        return u.floor().long().clamp(0, self.num_timesteps - 1), u, self._table(t.device)[1]
+
     def _log_alpha_bar(self, t):
-        t = _time(t)
-        return _interp(t.reshape(-1), *self._table(t.device)).reshape(t.shape)
+        """log alpha_bar, linear between the uniform knots k / T (a direct lookup, no search)."""
+        seg, u, log_ab = self._segment(_time(t))
+        lo = log_ab[seg]
+        return lo + (u - seg) * (log_ab[seg + 1] - lo)
 
     def _slope(self, t):
         """d log alpha_bar / dt on the knot segment holding t (piecewise constant)."""
-        t = _time(t)
-        seg = torch.floor(t * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
-        log_ab = self._table(t.device)[1]
+        seg, _, log_ab = self._segment(_time(t))
         return (log_ab[seg + 1] - log_ab[seg]) * self.num_timesteps
 
     def alpha(self, t):
