@@ -1,7 +1,8 @@
-"""Sharded evaluation: 1 and 2 processes (torch.distributed on CPU / gloo) give identical numbers.
+"""Sharded evaluation: 1 process and 2 processes (`accelerate launch --multi_gpu --num_processes 2`, which runs a
+gloo group on a CPU machine) give identical numbers.
 
-Run as a script (`python -m torch.distributed.run --nproc_per_node 2 tests/test_eval_distributed.py OUT SAMPLES REF`),
-this file is the worker: it evaluates generation and reconstruction metrics and rank 0 writes them as JSON.
+Run as a script (`accelerate launch ... tests/test_eval_distributed.py OUT SAMPLES REF`), this file is the worker:
+it evaluates generation and reconstruction metrics and rank 0 writes them as JSON.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def test_one_and_two_processes_agree(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=tr_x[:150])
     args = [str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz")]
     run_python([__file__, str(tmp_path / "one.json"), *args], timeout=300)
-    run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path / "two.json"), *args],
-               timeout=300)
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_python([*launch, __file__, str(tmp_path / "two.json"), *args], timeout=300)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["world"] == 1 and two["world"] == 2
     assert one["gen"]["num_samples"] == 101 and one["rec"]["num_images"] == 101

@@ -143,6 +143,9 @@ def test_random_network_shapes_and_state_dict_layout():
     assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (2, 2048), "spatial": (2, 2023),
                                                            "logits": (2, 1008)}
     assert len(net.state_dict()) == 566  # pytorch-fid / torch-fidelity layout: 94 conv+BN layers (6 keys) + fc (2)
+    net.fold_batchnorm()
+    assert not any(p.requires_grad for p in net.parameters())  # frozen, folded or not: no autograd graph
+    assert net(x[:1])["pool"].grad_fn is None
     with pytest.raises(ValueError, match="uint8 images"):
         net(x.float())
     with pytest.raises(ValueError, match="outputs=\\['mixed'\\]"):

@@ -299,7 +299,7 @@ class FIDInceptionV3(nn.Module):
         for m in self.modules():
             if isinstance(m, ConvBN):
                 m.fold_batchnorm()
-        return self
+        return self.requires_grad_(False)  # the new convs' parameters are frozen like the rest
 
 
 # ------------------------------------------------------------------------------------------------------ weights
