@@ -1,0 +1,389 @@
+"""Replication study: do EQ-VAE and VA-VAE latents make a latent generator learn faster here too?
+
+    python bench/replication/run.py --quick            # 3 tokenizers x 3 seeds on a 2-core CPU (< 30 min unloaded)
+    python bench/replication/run.py --full             # sized for one GPU (see docs/replication.md)
+    python bench/replication/run.py --tiny             # smoke test of the machinery (minutes; numbers mean nothing)
+    options: --seeds 0,1,2  --variants kl,kl_eq,kl_va  --run-root runs/replication  --inception {off,rfid,all}
+             --inception-weights PATH  --no-docs
+
+For every (tokenizer variant, seed), one `ldm pipeline` run (bench/replication/<mode>.yaml + overrides) trains a KL
+tokenizer of identical architecture and budget -- plain, + EQ-VAE (Kouzelis et al. 2025, arXiv:2502.09509), or
++ VA-VAE (Yao et al. 2025, arXiv:2501.01423) -- stores its latent statistics and a latent cache, and trains the same
+DiT with flow matching on it, keeping the checkpoints at 25/50/75/100 % of the budget. Then this script measures:
+PSNR and rFD_digits of the tokenizer (rFID with Inception too when its weights are found), gFD_digits of EMA samples
+at 25/50/100 % of the generator budget (same per-index noise and labels for every run: paired), and the latent
+diagnostics of ldm.eval.latents. Seeds set both stages, so the spread covers tokenizer and generator training.
+
+VA-VAE needs a frozen vision foundation model; no pretrained DINOv2/MAE weights are available offline, so the
+aligner here is the conv trunk of the digits classifier shipped with ldm (ldm/assets/digits_classifier.safetensors,
+supervised on the digits' classes; 64-d features on an 8 x 8 grid = the latent grid), wrapped as a FrozenEncoder by
+ldm.eval.latents.build_alignment_encoder("digits"). That departs from the paper (self-supervised DINOv2 features of
+ImageNet). The pipeline cannot build that encoder by name, so run.py trains the VA-VAE tokenizer itself (same task,
+the VF aligner attached) and the pipeline then skips its finished tokenizer stage.
+
+Outputs: <run-root>/<mode>/results.json (every number), per run <variant>_s<seed>/study.json and diagnostics/;
+docs/replication.md (the block between the GENERATED markers), assets/replication_gfid.png (gFD vs steps, min-max
+bands over seeds) and assets/replication_latents.png (latent spectra and equivariance). Re-running skips finished
+stages and measurements; the same seeds give the same numbers on the same CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+MODES = {  # study settings per mode; the training budgets live in <mode>.yaml
+    "tiny": {"num_samples": 60, "recon_images": 128, "diag_images": 32, "inception": "off"},
+    "quick": {"num_samples": 1000, "recon_images": 1797, "diag_images": 512, "inception": "rfid"},
+    "full": {"num_samples": 10000, "recon_images": 1797, "diag_images": 1797, "inception": "all"},
+}
+VARIANTS = {
+    "kl": ("plain KL", []),
+    "kl_eq": ("KL + EQ-VAE", ["tokenizer.tokenizer.eq.enabled=true"]),
+    "kl_va": ("KL + VA-VAE", ["tokenizer.tokenizer.va.enabled=true"]),
+}
+FRACTIONS = (0.25, 0.5, 1.0)
+BEGIN, END = "<!-- BEGIN GENERATED (bench/replication/run.py) -->", "<!-- END GENERATED -->"
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+def study_config(mode: str, root: Path, variant: str, seed: int):
+    from ldm.config import PipelineCfg, load_config
+
+    overrides = [f"name={variant}_s{seed}", f"run_root={root / mode}", f"tokenizer.seed={seed}",
+                 f"generator.seed={seed}", *VARIANTS[variant][1]]
+    cfg = load_config([HERE / f"{mode}.yaml"], overrides, schema=PipelineCfg)
+    t = cfg.generator.train
+    steps = [round(f * t.max_steps) for f in FRACTIONS]
+    if any(s % t.ckpt_every for s in steps) or t.keep_last < t.max_steps // t.ckpt_every:
+        raise ValueError(f"{mode}.yaml: generator.train.ckpt_every={t.ckpt_every} / keep_last={t.keep_last} do not "
+                         f"keep the checkpoints at steps {steps}")
+    return cfg
+
+
+def train_va_tokenizer(cfg) -> None:
+    """Train the VA-VAE tokenizer of `cfg` with the digits-classifier aligner (the pipeline builds encoders by name
+    from ldm.encoders only). Same initial weights as the other variants: fit's seeding, then the same build order."""
+    import torch
+
+    from ldm.data.sampler import derive_seed
+    from ldm.eval.latents import build_alignment_encoder
+    from ldm.pipeline import _finished, stage_configs
+    from ldm.tokenizers.va import VFAligner
+    from ldm.train.loop import fit
+    from ldm.train.tokenizer_task import VfSettings, build_tokenizer_task
+
+    tok_cfg, _ = stage_configs(cfg)
+    if _finished(tok_cfg.run_dir, tok_cfg.train.max_steps):
+        return
+    va = tok_cfg.tokenizer.va
+    plain = dataclasses.replace(tok_cfg, tokenizer=dataclasses.replace(tok_cfg.tokenizer,
+                                                                       va=dataclasses.replace(va, enabled=False)))
+    torch.manual_seed(derive_seed(tok_cfg.seed, "init"))  # as fit() does before building its task
+    task, dataset = build_tokenizer_task(plain)
+    encoder = build_alignment_encoder(va.encoder, va.weights)
+    task.va = VFAligner(encoder=encoder, feature_dim=encoder.feature_dim,
+                        latent_channels=tok_cfg.tokenizer.latent_channels)
+    task.vf = VfSettings(vf_weight=va.vf_weight, margin_cos=va.margin_cos, margin_dist=va.margin_dist,
+                         cos_weight=va.cos_weight, distmat_weight=va.distmat_weight, adaptive=va.adaptive)
+    fit(tok_cfg, task=task, dataset=dataset, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------- one run
+def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_weights: str | None) -> dict:
+    """Train (pipeline) and measure one (variant, seed); cached in <run>/study.json for identical settings."""
+    import torch
+
+    from ldm.eval.evaluate import evaluate_reconstruction, evaluate_samples
+    from ldm.eval.generate import write_samples
+    from ldm.eval.latents import build_alignment_encoder, diagnose_tokenizer
+    from ldm.pipeline import run_pipeline
+    from ldm.tokenizers.export import load_tokenizer
+    from ldm.train.generator_task import load_generator
+
+    run_dir = cfg.run_dir
+    record_file = run_dir / "study.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            return record
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if variant == "kl_va":
+        train_va_tokenizer(cfg)
+    seconds["tokenizer_va_fit"] = round(time.perf_counter() - start, 1)
+    summary = run_pipeline(cfg, progress=False)
+    seconds.update({k: v["seconds"] for k, v in summary["stages"].items()})
+
+    start = time.perf_counter()
+    tok = load_tokenizer(run_dir / "tokenizer")
+    recon = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="digits",
+                                    metrics=("rfd", "psnr"), size=32, num_images=settings["recon_images"],
+                                    cache_dir=cache_dir, progress=False)
+    record: dict = {"variant": variant, "seed": cfg.tokenizer.seed, "settings": settings,
+                    "psnr": recon["psnr"], "rfd_digits": recon["rfd_digits"]}
+    if settings["inception"] in ("rfid", "all"):
+        rec_i = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="inception",
+                                        extractor_weights=inception_weights, metrics=("rfd",), size=32,
+                                        num_images=settings["recon_images"], cache_dir=cache_dir, progress=False)
+        record["rfid"] = rec_i["rfid"]
+    seconds["recon_eval"] = round(time.perf_counter() - start, 1)
+
+    start = time.perf_counter()
+    diag = diagnose_tokenizer(tok, "digits", num_images=settings["diag_images"], encoder=build_alignment_encoder(
+        "digits"), encoder_name="digits classifier trunk", out_dir=run_dir / "diagnostics")
+    record["diagnostics"] = diag
+    seconds["diagnostics"] = round(time.perf_counter() - start, 1)
+
+    start = time.perf_counter()
+    max_steps = cfg.generator.train.max_steps
+    record["gfd_digits"], record["gfid"], record["steps"] = [], [], []
+    for frac in FRACTIONS:
+        step = round(frac * max_steps)
+        ckpt = run_dir / "generator" / "checkpoints" / f"step_{step:07d}"
+        gen = load_generator(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+        out = write_samples(gen, run_dir / "samples" / f"step_{step:07d}", num=settings["num_samples"],
+                            classes=list(range(gen.num_classes)), grid=False, npz=True,
+                            seed=cfg.generator.sample.seed, progress=False)
+        res = evaluate_samples(str(out["npz"]), "digits", extractor="digits", size=32, metrics=("fd",),
+                               cache_dir=cache_dir, progress=False)
+        record["steps"].append(step)
+        record["gfd_digits"].append(res["fd_digits"])
+        if settings["inception"] == "all":
+            res = evaluate_samples(str(out["npz"]), "digits", extractor="inception", size=32, metrics=("fd",),
+                                   extractor_weights=inception_weights, cache_dir=cache_dir, progress=False)
+            record["gfid"].append(res["fid"])
+    seconds["sample_and_gfd"] = round(time.perf_counter() - start, 1)
+    record["seconds"] = seconds
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------- aggregate
+def headline(record: dict) -> dict:
+    """The flat numbers of one run that enter the tables."""
+    d = record["diagnostics"]
+    eq, sp = d["equivariance"], d["spectrum"]
+    out = {"psnr": record["psnr"], "rfd_digits": record["rfd_digits"],
+           **({"rfid": record["rfid"]} if "rfid" in record else {}),
+           **{f"gfd_digits@{s}": v for s, v in zip(record["steps"], record["gfd_digits"])},
+           **{f"gfid@{s}": v for s, v in zip(record["steps"], record["gfid"])},
+           "hf_share_latent": sp["latent"]["hf_share"], "hf_share_image_at_latent": sp["image_at_latent"]["hf_share"],
+           "rot_decoder_ratio": eq["rotation_mean"]["decoder_ratio"],
+           "rot_latent_error": eq["rotation_mean"]["latent_error"],
+           "scale_decoder_ratio": eq["scale_mean"]["decoder_ratio"],
+           "scale_latent_error": eq["scale_mean"]["latent_error"],
+           "kl_per_image": d["posterior"]["kl_per_image"], "latent_std_ratio": d["channels"]["std_ratio"],
+           "cknna": d["alignment"]["cknna"], "linear_cka": d["alignment"]["linear_cka"]}
+    return out
+
+
+def aggregate(records: list[dict]) -> dict:
+    """{variant: {metric: {mean, min, max, values}}} over seeds."""
+    out: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rows = [headline(r) for r in records if r["variant"] == variant]
+        out[variant] = {k: {"mean": float(np.mean([row[k] for row in rows])),
+                            "min": float(np.min([row[k] for row in rows])),
+                            "max": float(np.max([row[k] for row in rows])),
+                            "values": [row[k] for row in rows]} for k in rows[0]}
+    return out
+
+
+def _cell(s: dict, digits: int) -> str:
+    return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
+def tables(agg: dict, steps: list[int]) -> str:
+    variants = list(agg)
+    has_rfid = all("rfid" in agg[v] for v in variants)
+    has_gfid = all(f"gfid@{steps[-1]}" in agg[v] for v in variants)
+    cols = [("PSNR [dB]", "psnr", 2), ("rFD_digits", "rfd_digits", 2)] + ([("rFID", "rfid", 2)] if has_rfid else [])
+    cols += [(f"gFD_digits @{s}", f"gfd_digits@{s}", 2) for s in steps]
+    cols += [(f"gFID @{s}", f"gfid@{s}", 2) for s in steps] if has_gfid else []
+    lines = ["| tokenizer | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for v in variants:
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_cell(agg[v][k], d) for _, k, d in cols) + " |")
+    diag = [("HF share latent", "hf_share_latent", 3), ("HF share image@latent", "hf_share_image_at_latent", 3),
+            ("rot. decoder ratio", "rot_decoder_ratio", 2), ("rot. latent error", "rot_latent_error", 3),
+            ("scale decoder ratio", "scale_decoder_ratio", 2), ("scale latent error", "scale_latent_error", 3),
+            ("KL / image [nats]", "kl_per_image", 0), ("std max/min", "latent_std_ratio", 2),
+            ("CKNNA", "cknna", 3), ("linear CKA", "linear_cka", 3)]
+    lines += ["", "| tokenizer | " + " | ".join(c[0] for c in diag) + " |", "|---" * (len(diag) + 1) + "|"]
+    for v in variants:
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_cell(agg[v][k], d) for _, k, d in diag) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- figures
+def plot_gfd(agg: dict, steps: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, stats in agg.items():
+        s = [stats[f"gfd_digits@{k}"] for k in steps]
+        line, = ax.plot(steps, [x["mean"] for x in s], marker="o", label=VARIANTS[v][0])
+        ax.fill_between(steps, [x["min"] for x in s], [x["max"] for x in s], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="generator training steps", ylabel="gFD_digits (lower is better)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_latents(records: list[dict], path: Path, title: str) -> None:
+    """Left: RAPSD of the latents (seed-mean per variant) vs the images at the latent size. Right: equivariance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    for v in variants:
+        sp = [r["diagnostics"]["spectrum"] for r in records if r["variant"] == v]
+        ax[0].plot(sp[0]["latent"]["freq"], np.mean([s["latent"]["power"] for s in sp], 0), marker=".",
+                   label=f"{VARIANTS[v][0]} latents")
+    ref = records[0]["diagnostics"]["spectrum"]["image_at_latent"]
+    ax[0].plot(ref["freq"], ref["power"], "k--", label="images at the latent size")
+    ax[0].set(xscale="log", yscale="log", xlabel="frequency / Nyquist", ylabel="relative power",
+              title="radially averaged power spectrum")
+    ax[0].legend(fontsize=8)
+    keys = [("rotation_mean", "decoder_ratio", "rot. dec. ratio"), ("rotation_mean", "latent_error", "rot. lat. err"),
+            ("scale_mean", "decoder_ratio", "scale dec. ratio"), ("scale_mean", "latent_error", "scale lat. err")]
+    pos = np.arange(len(keys))
+    for i, v in enumerate(variants):
+        vals = [[r["diagnostics"]["equivariance"][g][k] for r in records if r["variant"] == v] for g, k, _ in keys]
+        ax[1].bar(pos + (i - 1) * 0.27, [np.mean(x) for x in vals], 0.27, label=VARIANTS[v][0],
+                  yerr=[[np.mean(x) - np.min(x) for x in vals], [np.max(x) - np.mean(x) for x in vals]], capsize=3)
+    ax[1].set_xticks(pos, [k[2] for k in keys])
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set(title="equivariance (mean, min-max over seeds)")
+    ax[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------- docs
+def write_docs(path: Path, block: str) -> None:
+    """Replace the generated block of docs/replication.md (the hand-written reading around it stays)."""
+    text = path.read_text() if path.is_file() else f"# Replication study\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} lacks the markers {BEGIN!r} ... {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+def generated_block(mode: str, command: str, agg: dict, records: list[dict], steps: list[int], wall: float,
+                    settings: dict, inception_weights: str | None) -> str:
+    compute = sum(sum(r["seconds"].values()) for r in records)
+    per_variant = {v: np.mean([sum(r["seconds"].values()) for r in records if r["variant"] == v]) for v in agg}
+    seeds = sorted({r["seed"] for r in records})
+    label = {"tiny": "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**",
+             "quick": "Mode --quick (2-core CPU budget).", "full": "Mode --full (GPU budget)."}[mode]
+    lines = [f"{label}", "", f"Command: `{command}`", "",
+             f"Seeds {seeds}; cells are mean [min, max] over seeds. gFD_digits: Fréchet distance of "
+             f"{settings['num_samples']} EMA samples (class-balanced, no guidance, same per-index noise for every "
+             f"run) to the 1,797 digits in the digits-classifier feature space; PSNR / rFD over the first "
+             f"{settings['recon_images']} digits; diagnostics over {settings['diag_images']} digits.",
+             f"Inception: {settings['inception']} (weights: {inception_weights or 'not found'}).", "",
+             tables(agg, steps), "",
+             "![gFD vs steps](../assets/replication_gfid.png)", "",
+             "![latent spectra and equivariance](../assets/replication_latents.png)", "",
+             f"Wall time of this invocation: {wall / 60:.1f} min; compute recorded in the runs: {compute / 60:.1f} min "
+             f"(" + ", ".join(f"{VARIANTS[v][0]} {s / 60:.1f} min per seed" for v, s in per_variant.items()) +
+             f"); machine: {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def default_inception_weights() -> str | None:
+    root = Path(os.environ.get("LDM_SHARED", REPO.parent / "shared"))
+    path = root / "weights" / "fid_inception_v3_tf2015.pth"
+    return str(path) if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    for m in MODES:
+        mode.add_argument(f"--{m}", dest="mode", action="store_const", const=m)
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (>= 3 for the spread)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--run-root", default=str(REPO / "runs" / "replication"))
+    p.add_argument("--inception", choices=["off", "rfid", "all"], default=None,
+                   help="Inception-v3 FIDs: off, rFID only, or rFID and gFID (default: per mode)")
+    p.add_argument("--inception-weights", default=None, help="FID Inception weights (default: $LDM_SHARED or "
+                   "../shared weights/fid_inception_v3_tf2015.pth when present)")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/replication.md and assets/")
+    args = p.parse_args(argv)
+    args.mode = args.mode or "quick"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; expected a subset of {list(VARIANTS)}")
+    weights = args.inception_weights or default_inception_weights()
+    settings = dict(MODES[args.mode])
+    if args.inception is not None:
+        settings["inception"] = args.inception
+    if settings["inception"] != "off" and weights is None:
+        print("Inception weights not found: Inception FIDs skipped (give --inception-weights)")
+        settings["inception"] = "off"
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(args.run_root)
+    cache_dir = root / args.mode / "fid_stats"
+    start = time.perf_counter()
+    records = []
+    for seed in seeds:
+        for variant in variants:
+            t0 = time.perf_counter()
+            cfg = study_config(args.mode, root, variant, seed)
+            rec = measure_run(cfg, variant, settings, cache_dir, weights)
+            records.append(rec)
+            print(f"{variant:<6} seed {seed}: PSNR {rec['psnr']:.2f}  rFD_digits {rec['rfd_digits']:.2f}  gFD_digits "
+                  + " / ".join(f"{x:.2f}" for x in rec["gfd_digits"]) + f"  ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    wall = time.perf_counter() - start
+    steps = records[0]["steps"]
+    agg = aggregate(records)
+    out = root / args.mode / "results.json"
+    out.write_text(json.dumps({"mode": args.mode, "settings": settings, "seeds": seeds, "aggregate": agg,
+                               "runs": [{k: v for k, v in r.items() if k != "diagnostics"} | {"headline": headline(r)}
+                                        for r in records]}, indent=2) + "\n")
+    print(tables(agg, steps))
+    print(f"wrote {out}; wall time {wall / 60:.1f} min")
+    if not args.no_docs:
+        title = f"{args.mode} mode, seeds {seeds}" + (" (SMOKE: meaningless)" if args.mode == "tiny" else "")
+        plot_gfd(agg, steps, REPO / "assets" / "replication_gfid.png", f"gFD_digits vs steps ({title})")
+        plot_latents(records, REPO / "assets" / "replication_latents.png", f"latent diagnostics ({title})")
+        command = "python bench/replication/run.py --" + args.mode + ("" if args.seeds == "0,1,2" else
+                                                                     f" --seeds {args.seeds}")
+        write_docs(REPO / "docs" / "replication.md",
+                   generated_block(args.mode, command, agg, records, steps, wall, settings, weights))
+        print("wrote docs/replication.md, assets/replication_gfid.png, assets/replication_latents.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
