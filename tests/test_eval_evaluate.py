@@ -114,7 +114,7 @@ def test_identity_rfid_inception_is_zero(tmp_path):
     np.savez(tmp_path / "crops.npz", arr_0=np.stack(crops))
     ext = build_extractor("inception", str(weights))
     res = evaluate_reconstruction(lambda x: x, str(tmp_path / "crops.npz"), extractor=ext, metrics=("rfd",),
-                                  cache_dir=tmp_path, progress=False, device="cpu")
+                                  use_cache=False, progress=False, device="cpu")
     assert res["extractor"] == "inception" and abs(res["rfid"]) <= 1e-6
 
 
