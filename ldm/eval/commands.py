@@ -50,8 +50,9 @@ def _add_common(p: argparse.ArgumentParser, extractor: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 
-def register(subparsers) -> None:
-    """Add `eval` with sub-commands fid, rfid, recon, stats to the top-level sub-parsers."""
+def register(subparsers):
+    """Add `eval` with sub-commands fid, rfid, recon, stats to the top-level sub-parsers; returns the `eval`
+    sub-parsers so other modules can add their own `ldm eval <name>` (e.g. latent_commands.register_latents)."""
     ev = subparsers.add_parser(
         "eval", formatter_class=_Formatter, help="evaluate samples (FID/sFID/IS/precision/recall) or a tokenizer "
         "(rFID/PSNR/SSIM/LPIPS)",
@@ -118,6 +119,7 @@ def register(subparsers) -> None:
     from ldm.eval.latent_commands import register_latents  # `ldm eval latents` (latent-space diagnostics)
 
     register_latents(sub)
+    return sub
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
