@@ -51,9 +51,12 @@ def index_generators(seed: int, indices: Sequence[int], device: torch.device | s
 
 
 def sampler_times(sample_cfg, path: Path) -> torch.Tensor:
-    """The time grid for `sample_cfg` (steps, time_grid, shift); DDPM paths use DiT's respacing of their T steps."""
+    """The time grid for `sample_cfg` (steps, time_grid, shift); DDPM paths use DiT's respacing of their T steps and
+    the Euler-Maruyama SDE uses SiT/REPA's grid (uniform from 1 to 0.04, then a final mean step to 0)."""
     if isinstance(path, DiscretePath):
         return time_grid(sample_cfg.steps, "respaced", num_timesteps=path.num_timesteps)
+    if sample_cfg.sampler == "euler_maruyama" and sample_cfg.time_grid == "uniform" and sample_cfg.steps >= 2:
+        return time_grid(sample_cfg.steps, "sde")
     return time_grid(sample_cfg.steps, sample_cfg.time_grid, path=path, shift=sample_cfg.shift)
 
 
