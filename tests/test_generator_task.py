@@ -142,6 +142,17 @@ def test_load_generator_refuses_bad_requests(tmp_path, vae_dir):
         load_generator(tmp_path / "g", use_ema=False, tokenizer=str(other))
 
 
+def test_periodic_fid_during_training(tmp_path, vae_dir):
+    import json
+
+    cfg = _cfg(tmp_path, vae_dir, "train.max_steps=2", "train.eval_every=2", "eval.extractor=digits",
+               "eval.num_samples=24", "eval.batch_size=16", "train.log_every=2")
+    fit(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    fd = [r["val/fd_digits"] for r in rows if "val/fd_digits" in r]
+    assert len(fd) == 1 and 0.0 < fd[0] < float("inf")
+
+
 def test_generator_stage_needs_a_tokenizer(tmp_path):
     cfg = load_config(None, ["name=g", f"train.run_root={tmp_path}"])
     with pytest.raises(ValueError, match="needs a frozen tokenizer"):

@@ -205,6 +205,35 @@ class GeneratorTask(Task):
         return self.tokenizer.decode(self.normalizer.denormalize(z)).clamp(-1, 1)
 
     @torch.no_grad()
+    def evaluate(self, ema, step: int) -> dict[str, float]:
+        """Periodic FID (train.eval_every): eval.num_samples EMA samples (labels cycling through the classes), the
+        same feature pass and Fréchet distance as `ldm eval fid`, against eval.reference (default: the data).
+        Generation is sharded by whole batches over the processes; the features are gathered by evaluate_batches."""
+        import numpy as np
+
+        from ldm.eval.evaluate import evaluate_batches
+        from ldm.eval.features import dist_info
+        from ldm.eval.generate import labels_for, to_uint8
+
+        e, model = self.cfg.eval, ema if ema is not None else self.model
+        rank, world = dist_info()
+        classes = list(range(self.num_classes)) if self.num_classes else None
+        seed = self.cfg.sample.seed + 1
+
+        def batches():
+            for b in range(rank, -(-e.num_samples // e.batch_size), world):
+                idx = list(range(b * e.batch_size, min(e.num_samples, (b + 1) * e.batch_size)))
+                labels = labels_for(idx, classes, seed=seed)
+                labels = labels.to(self.normalizer.mean.device) if labels is not None else None
+                yield to_uint8(self.generate(model, labels, idx, seed)), np.asarray(idx)
+
+        weights = e.inception_weights if e.extractor == "inception" else None
+        result = evaluate_batches(batches(), e.reference or self.cfg.data.source, extractor=e.extractor,
+                                  extractor_weights=weights, metrics=("fd",), size=self.cfg.data.image_size,
+                                  batch_size=e.batch_size, progress=False, total=e.num_samples)
+        return {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, float)}
+
+    @torch.no_grad()
     def visualize(self, batch, ema):
         from ldm.train.logging import make_grid
 
