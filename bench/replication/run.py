@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 MODES = {  # study settings per mode; the training budgets live in <mode>.yaml
     "tiny": {"num_samples": 60, "recon_images": 128, "diag_images": 32, "inception": "off"},
-    "quick": {"num_samples": 1000, "recon_images": 1797, "diag_images": 512, "inception": "rfid"},
+    "quick": {"num_samples": 500, "recon_images": 1797, "diag_images": 512, "inception": "off"},
     "full": {"num_samples": 10000, "recon_images": 1797, "diag_images": 1797, "inception": "all"},
 }
 VARIANTS = {
