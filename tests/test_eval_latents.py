@@ -125,6 +125,9 @@ def test_power_spectrum_obeys_parseval():
     torch.testing.assert_close(power_spectrum(x).sum(dim=(-2, -1)), total)
     s = spectrum_summary(x, 0.5)
     assert sum(s["power"]) == pytest.approx(1.0) and 0 < s["hf_share"] < 1
+    chunked = spectrum_summary(x, 0.5, chunk=2)  # accumulated over chunks of 2, 2, 1 images
+    np.testing.assert_allclose(chunked["power"], s["power"], rtol=1e-12)
+    assert chunked["hf_share"] == pytest.approx(s["hf_share"], rel=1e-12)
     with pytest.raises(ValueError, match="cutoff"):
         high_frequency_share(power_spectrum(x), 1.5)
 

@@ -106,9 +106,10 @@ def high_frequency_share(power: torch.Tensor, cutoff: float = 0.5) -> torch.Tens
     return power[:, rho > cutoff].sum(-1) / total.clamp_min(1e-300)
 
 
-def spectrum_summary(x: torch.Tensor, cutoff: float) -> dict:
-    """RAPSD (per-channel profiles normalised to unit total power, then averaged) and HF share of (N, C, H, W)."""
-    p = power_spectrum(x)  # (C, H, W)
+def spectrum_summary(x: torch.Tensor, cutoff: float, chunk: int = 64) -> dict:
+    """RAPSD (per-channel profiles normalised to unit total power, then averaged) and HF share of (N, C, H, W);
+    the power is accumulated over chunks of `chunk` images (float64 FFTs of large images are memory-hungry)."""
+    p = sum(power_spectrum(part) * len(part) for part in x.split(chunk)) / len(x)  # (C, H, W)
     freq, prof = radial_profile(p)
     rel = prof / prof.sum(-1, keepdim=True).clamp_min(1e-300)  # (C, R) relative power per ring
     share = high_frequency_share(p, cutoff)
@@ -193,8 +194,10 @@ def features_at_grid(encoder: nn.Module, images: torch.Tensor, grid: tuple[int, 
     as VA-VAE compares them (ldm.tokenizers.va.VFAligner.features)."""
     from ldm.tokenizers.va import tokens_to_grid
 
+    tokens = encoder(images).float()  # (B, L, D)
     side = getattr(encoder, "grid_size", None)
-    f = tokens_to_grid(encoder(images).float(), (side, side) if isinstance(side, int) else None)  # (B, D, gh, gw)
+    grid = (side, side) if isinstance(side, int) and side * side == tokens.shape[1] else None  # else: square
+    f = tokens_to_grid(tokens, grid)  # (B, D, gh, gw)
     if tuple(f.shape[-2:]) != tuple(grid):
         f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
     return f
