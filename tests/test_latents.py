@@ -142,8 +142,10 @@ def test_float16_cache_and_stats_match_numpy(tok, npz, tmp_path):
     np.testing.assert_allclose(stats.scaling_factor, 1.0 / both.std(ddof=1), rtol=1e-10)
     # one shard instead of three: the same statistics (moments merge; no dependence on how work was split)
     one = make(tok, npz, tmp_path / "h1", dtype="float16", shard_size=N, batch_size=BATCH).latent_stats
-    np.testing.assert_allclose(one.mean, stats.mean, rtol=1e-12)
-    np.testing.assert_allclose(one.std, stats.std, rtol=1e-12)
+    # (1e-6, not exact: shard boundaries regroup the encoder's batches, which moves float32 latents by ~1e-7 and
+    # can flip a float16 rounding; the merge itself is exact and tested at 1e-10 above)
+    np.testing.assert_allclose(one.mean, stats.mean, rtol=1e-6)
+    np.testing.assert_allclose(one.std, stats.std, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ refusals
