@@ -189,3 +189,13 @@ def test_tokenizer_rejects_bad_shapes(tmp_path):
     stats.mean = stats.mean[:2]
     with pytest.raises(ValueError, match="channels"):
         type(tok)(tok.model, stats=stats)
+
+
+def test_missing_foundation_encoder_weights_fail_before_training(tmp_path):
+    from ldm.train.tokenizer_task import build_tokenizer_task
+
+    cfg = load_config(overrides=[*TINY, f"train.run_root={tmp_path}", "tokenizer.va.enabled=true",
+                                 "tokenizer.va.encoder=dinov2_vits14",
+                                 f"tokenizer.va.weights={tmp_path / 'dinov2_vits14_pretrain.pth'}"])
+    with pytest.raises(FileNotFoundError, match="dinov2_vits14"):
+        build_tokenizer_task(cfg)

@@ -138,7 +138,7 @@ class TokenizerTask(Task):
         else:
             post = encode_posterior(ae, x_in)
             z = post.sample()  # (B, C, h, w)
-            kl = kl_diagonal_gaussian(post.mean, post.logvar).mean()
+            kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
             reg = self.kl_weight * kl
             logs.update(loss_kl=kl, logvar=self.logvar)
         target, z_dec = x_in, z
