@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ldm.tokenizers.stats import LatentStats, RunningMoments
+from ldm.train.checkpoint import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,6 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _ShardWriter:
     """Fills the arrays of one shard in temporary .npy memory maps; `commit` makes them final and writes the marker."""
 
@@ -288,9 +280,9 @@ class _ShardWriter:
             arr.flush()
         self.arrays.clear()
         for name, tmp in self.tmp.items():
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.final[name])
-        _fsync(self.cache_dir)
+        fsync_path(self.cache_dir)
         moments = RunningMoments(self.meta.latent_shape[0])
         for name in ("latents", "flips") if self.meta.flips else ("latents",):
             stored = np.load(self.final[name], mmap_mode="r")

@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 STEP_DIR = "step_{:07d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,7 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -93,11 +94,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, ema_state: d
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # re-saving the same step (e.g. preemption right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_path(ckpt_root)
     atomic_write_text(Path(run_dir) / "latest", f"checkpoints/{final.name}\n")
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in steps[:-keep_last]:
