@@ -79,7 +79,7 @@ def git_sha() -> str:
 
 def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, ema_state: dict | None, state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write checkpoints/step_XXXXXXX atomically, point `latest` at it, prune to the newest `keep_last`."""
+    """Write checkpoints/step_<7-digit step> atomically, point `latest` at it, prune to the newest `keep_last`."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob(".tmp-*"):
