@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.layers import (
+    check_generator_inputs,
     GeluMlp,
     GeneratorOutput,
     RMSNorm,
@@ -271,12 +272,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor | GeneratorOutput:
         """x (B, C, H, W) latents, t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None."""
         B = x.shape[0]
-        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.in_channels}, {self.input_size}, "
-                             f"{self.input_size})")
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},)")
+        t = check_generator_inputs(x, t, self.in_channels, self.input_size)  # (B,)
         if return_hidden and self.repa_depth is None:
             raise ValueError("return_hidden=True needs a DiT built with repa_depth=k (the block whose output is used)")
 

@@ -184,3 +184,14 @@ class SwiGLU(nn.Module):
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     """SwiGLU width as LightningDiT computes it: int(2/3 * int(dim * mlp_ratio)) (1152 -> 3072 at ratio 4)."""
     return int(2 / 3 * int(dim * mlp_ratio))
+
+
+def check_generator_inputs(x: torch.Tensor, t: torch.Tensor, in_channels: int, input_size: int) -> torch.Tensor:
+    """Validate a generator's (x, t) and return t as (B,) (a scalar t is broadcast to the batch)."""
+    B = x.shape[0]
+    if x.shape[1:] != (in_channels, input_size, input_size):
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {in_channels}, {input_size}, {input_size})")
+    t = t.expand(B) if t.ndim == 0 else t
+    if t.shape != (B,):
+        raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},)")
+    return t

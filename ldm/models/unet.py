@@ -22,7 +22,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ldm.models.layers import GeneratorOutput, drop_labels
+from ldm.models.layers import GeneratorOutput, check_generator_inputs, drop_labels
 
 
 class UNetGenerator(nn.Module):
@@ -89,12 +89,7 @@ class UNetGenerator(nn.Module):
     ) -> torch.Tensor | GeneratorOutput:
         """x (B, C, H, W), t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None (= null label)."""
         B = x.shape[0]
-        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.in_channels}, {self.input_size}, "
-                             f"{self.input_size})")
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},)")
+        t = check_generator_inputs(x, t, self.in_channels, self.input_size)  # (B,)
         if self.num_classes == 0:
             if y is not None:
                 raise ValueError("this UNet is unconditional (num_classes=0) but labels y were given")
