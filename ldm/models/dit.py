@@ -271,7 +271,6 @@ class DiT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor | GeneratorOutput:
         """x (B, C, H, W) latents, t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None."""
-        B = x.shape[0]
         t = check_generator_inputs(x, t, self.in_channels, self.input_size)  # (B,)
         if return_hidden and self.repa_depth is None:
             raise ValueError("return_hidden=True needs a DiT built with repa_depth=k (the block whose output is used)")
