@@ -100,11 +100,16 @@ def quickstart_config_path() -> str:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from ldm.config import PipelineCfg, load_config
-    from ldm.pipeline import format_summary, run_pipeline
+    from ldm.pipeline import PipelineStopped, format_summary, run_pipeline
 
     paths, overrides = split_config_args(args.config)
     cfg = load_config(paths, overrides, schema=PipelineCfg)
-    print(format_summary(run_pipeline(cfg, progress=not args.no_progress)))
+    try:
+        summary = run_pipeline(cfg, progress=not args.no_progress)
+    except PipelineStopped as stop:  # exit 75 (EX_TEMPFAIL): stopped cleanly, nothing after it ran; re-run resumes
+        print(f"ldm pipeline: {stop}")
+        return 75
+    print(format_summary(summary))
     return 0
 
 

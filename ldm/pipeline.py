@@ -41,6 +41,19 @@ def stage_configs(cfg: PipelineCfg) -> tuple[RunConfig, RunConfig]:
     return tok, gen
 
 
+class PipelineStopped(RuntimeError):
+    """A training stage was preempted (SIGTERM/SIGUSR1): later stages must not run on a half-trained model."""
+
+
+def _fit_stage(cfg: RunConfig, progress: bool) -> None:
+    from ldm.train.loop import fit
+
+    result = fit(cfg, progress=progress)
+    if result.preempted:
+        raise PipelineStopped(f"stage {cfg.name} was preempted at step {result.step} (checkpoint "
+                              f"{result.last_checkpoint}); re-run the same command to resume")
+
+
 def _finished(run_dir: Path, max_steps: int) -> bool:
     try:
         ckpt = latest_checkpoint(run_dir)
@@ -53,12 +66,11 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
 def run_tokenizer(cfg: PipelineCfg, tok_cfg: RunConfig, progress: bool) -> dict:
     from ldm.tokenizers.export import load_tokenizer
     from ldm.tokenizers.stats import STATS_FILE, compute_tokenizer_stats, load_latent_stats
-    from ldm.train.loop import fit
 
     run_dir = tok_cfg.run_dir
     skipped = _finished(run_dir, tok_cfg.train.max_steps)
     if not skipped:
-        fit(tok_cfg, progress=progress)
+        _fit_stage(tok_cfg, progress)
     stats_file = run_dir / STATS_FILE
     fingerprint = load_tokenizer(run_dir).fingerprint
     if not (stats_file.is_file() and load_latent_stats(stats_file).fingerprint == fingerprint):
@@ -82,11 +94,9 @@ def run_latents(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
 
 
 def run_generator(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
-    from ldm.train.loop import fit
-
     skipped = _finished(gen_cfg.run_dir, gen_cfg.train.max_steps)
     if not skipped:
-        fit(gen_cfg, progress=progress)
+        _fit_stage(gen_cfg, progress)
     metrics = _last_metrics(gen_cfg.run_dir)
     return {"skipped": skipped, "run_dir": str(gen_cfg.run_dir),
             **{k: v for k, v in metrics.items() if k.startswith("train/loss") or k == "train/mse"}}
