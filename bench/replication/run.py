@@ -226,6 +226,24 @@ def tables(agg: dict, steps: list[int]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(records: list[dict], steps: list[int]) -> str:
+    """gFD of each variant divided by plain KL's at the same seed and step (same generator initialisation, data
+    order and sampling noise: a paired comparison), mean [min, max] over seeds; < 1 = better than plain."""
+    plain = {r["seed"]: r for r in records if r["variant"] == "kl"}
+    others = [v for v in dict.fromkeys(r["variant"] for r in records) if v != "kl"]
+    if not plain or not others:
+        return ""
+    lines = ["| gFD_digits / plain KL's (paired by seed) | " + " | ".join(f"@{s}" for s in steps) + " |",
+             "|---" * (len(steps) + 1) + "|"]
+    for v in others:
+        ratios = np.array([[a / b for a, b in zip(r["gfd_digits"], plain[r["seed"]]["gfd_digits"])]
+                           for r in records if r["variant"] == v and r["seed"] in plain])  # (seeds, steps)
+        cells = [f"{ratios[:, i].mean():.2f} [{ratios[:, i].min():.2f}, {ratios[:, i].max():.2f}]"
+                 for i in range(len(steps))]
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------- figures
 def plot_gfd(agg: dict, steps: list[int], path: Path, title: str) -> None:
     import matplotlib
@@ -295,6 +313,10 @@ def generated_block(mode: str, command: str, agg: dict, records: list[dict], ste
                     settings: dict, inception_weights: str | None) -> str:
     compute = sum(sum(r["seconds"].values()) for r in records)
     per_variant = {v: np.mean([sum(r["seconds"].values()) for r in records if r["variant"] == v]) for v in agg}
+    phases = {k: sum(r["seconds"].get(k, 0.0) for r in records) for k in records[0]["seconds"]}
+    shown = os.path.relpath(inception_weights, REPO) if inception_weights else "not found"
+    inception = {"off": f"off (`--inception rfid` or `all` adds it; weights {shown})",
+                 "rfid": f"rFID only (weights {shown})", "all": f"rFID and gFID (weights {shown})"}
     seeds = sorted({r["seed"] for r in records})
     label = {"tiny": "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**",
              "quick": "Mode --quick (2-core CPU budget).", "full": "Mode --full (GPU budget)."}[mode]
@@ -303,13 +325,15 @@ def generated_block(mode: str, command: str, agg: dict, records: list[dict], ste
              f"{settings['num_samples']} EMA samples (class-balanced, no guidance, same per-index noise for every "
              f"run) to the 1,797 digits in the digits-classifier feature space; PSNR / rFD over the first "
              f"{settings['recon_images']} digits; diagnostics over {settings['diag_images']} digits.",
-             f"Inception: {settings['inception']} (weights: {inception_weights or 'not found'}).", "",
-             tables(agg, steps), "",
+             f"Inception: {inception[settings['inception']]}.", "",
+             tables(agg, steps), "", paired_table(records, steps), "",
              "![gFD vs steps](../assets/replication_gfid.png)", "",
              "![latent spectra and equivariance](../assets/replication_latents.png)", "",
-             f"Wall time of this invocation: {wall / 60:.1f} min; compute recorded in the runs: {compute / 60:.1f} min "
-             f"(" + ", ".join(f"{VARIANTS[v][0]} {s / 60:.1f} min per seed" for v, s in per_variant.items()) +
-             f"); machine: {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}."]
+             f"Time: {compute / 60:.1f} min of wall-clock time recorded by the runs when they ran (" +
+             ", ".join(f"{VARIANTS[v][0]} {s / 60:.1f} min per seed" for v, s in per_variant.items()) +
+             "; by phase: " + ", ".join(f"{k} {s / 60:.1f}" for k, s in phases.items() if s >= 1) +
+             f" min) on {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; this "
+             f"invocation {wall / 60:.1f} min (finished runs are read from their study.json, not redone)."]
     return "\n".join(lines)
 
 
