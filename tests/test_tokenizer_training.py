@@ -99,20 +99,43 @@ def test_training_improves_psnr_on_photo_crops(tmp_path, kind):
     assert after > before + 5.0
 
 
+DIGITS = ["stage=tokenizer", "data.source=digits", "data.image_size=32", "data.class_cond=false",
+          "tokenizer.latent_channels=8", "tokenizer.block_out_channels=[16,32,32]", "tokenizer.layers_per_block=1",
+          "tokenizer.norm_num_groups=8", "tokenizer.perceptual_weight=0", "tokenizer.disc_start=150",
+          "tokenizer.disc_layers=2", "train.batch_size=32", "train.max_steps=250", "train.ema_decay=0.99",
+          "train.log_every=50", "train.ckpt_every=250", "optim.name=adam", "optim.lr=1e-3", "optim.betas=[0.5,0.9]",
+          "optim.grad_clip=0"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_eq_vae_lowers_the_equivariance_error(tmp_path):
-    x = _heldout_crops()
-    eq = ["tokenizer.eq.enabled=true", "tokenizer.eq.scale_num_min=16"]
-    plain = load_tokenizer(_fit(tmp_path, "plain", 200), use_ema=False)
-    equi = load_tokenizer(_fit(tmp_path, "eq", 200, *eq), use_ema=False)
-    scales = eq_scales(16, 31)[::3]
-    errs = {name: equivariance_error(t.encode, t.decode, x, downsample=2, scales=scales)
-            for name, t in (("plain", plain), ("eq", equi))}
-    psnr = {name: _psnr(t, x) for name, t in (("plain", plain), ("eq", equi))}
-    print(f"\nequivariance MSE plain {errs['plain']:.4f} vs EQ-VAE {errs['eq']:.4f}; "
-          f"PSNR plain {psnr['plain']:.2f} dB vs EQ-VAE {psnr['eq']:.2f} dB")
-    assert errs["eq"] < 0.8 * errs["plain"]
+    """The replication study's tokenizer (bench/replication/quick.yaml: f4, 8 channels, 250 steps on the digits)
+    trained from the same seed with and without EQ-VAE; the EMA weights are measured on 256 digits over the grid of
+    scales 16/32..31/32 x rotations 0/90/180/270 deg. EQ-VAE's error is well below the plain model's, although its
+    plain reconstruction is worse (the paper's trade-off, larger here because it trains from scratch)."""
+    from ldm.config import load_config
+    from ldm.data.embedded import digits_arrays
+    from ldm.train.loop import fit
+
+    images, _ = digits_arrays(32)
+    x = torch.from_numpy(images[-256:].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    toks = {}
+    for name, extra in (("plain", []), ("eq", ["tokenizer.eq.enabled=true", "tokenizer.eq.scale_num_min=16"])):
+        cfg = load_config(overrides=[*DIGITS, f"name={name}", f"train.run_root={tmp_path}", *extra])
+        fit(cfg, progress=False)
+        toks[name] = load_tokenizer(cfg.run_dir)
+    grid = {"all": (eq_scales(16, 31)[::3], (0, 1, 2, 3)), "rotations": ([1.0], (1, 2, 3)),
+            "scales": (eq_scales(16, 31)[::3], (0,))}
+    with torch.no_grad():
+        errs = {(name, part): equivariance_error(t.encode, t.decode, x, downsample=4, scales=sc, rotations=rot)
+                for name, t in toks.items() for part, (sc, rot) in grid.items()}
+        psnr = {name: _psnr(t, x) for name, t in toks.items()}
+    for part in grid:
+        print(f"\nequivariance MSE ({part}) plain {errs['plain', part]:.4f} vs EQ-VAE {errs['eq', part]:.4f}", end="")
+    print(f"\nPSNR plain {psnr['plain']:.2f} dB vs EQ-VAE {psnr['eq']:.2f} dB")
+    assert errs["eq", "all"] < 0.7 * errs["plain", "all"]
+    assert errs["eq", "rotations"] < 0.5 * errs["plain", "rotations"]
 
 
 @pytest.mark.slow
