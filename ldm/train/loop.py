@@ -30,6 +30,9 @@ from ldm.train.ema import EMA
 from ldm.train.logging import MetricsWriter, save_image_grid, setup_logging
 from ldm.train.task import Task
 
+# logged as their value at the logging step; every other scalar is averaged over the steps since the previous log
+_INSTANT_LOGS = ("train/lr", "train/ema_decay", "train/eq_mode")
+
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the message names the step, the loss and the last good checkpoint."""
@@ -231,7 +234,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
     nan_skips, preempted, metrics, last_batch = 0, False, {}, None
     bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_sums = time.perf_counter(), 0, {}
     with _Preemption() as preemption:
         while step < t.max_steps:
             if t.max_epochs is not None and position // sampler.batches_per_epoch >= t.max_epochs:
@@ -296,7 +299,15 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
             window_steps += 1
             bar.update(1)
             writer.scalars(step, {k: v for k, v in logs.items() if k.startswith("train/grad_norm")}, jsonl=False)
+            for k, v in logs.items():
+                total, count = window_sums.get(k, (0.0, 0))
+                window_sums[k] = (total + v, count + 1)
             if step % t.log_every == 0 or step == t.max_steps:
+                # Losses are logged as their mean over the steps since the last log (as DiT's train.py does), so
+                # log_every trades resolution for noise, not for skipped information; settings (lr, EMA decay, the
+                # EQ-VAE mode drawn) are logged as they are at this step.
+                logs = {k: v if k.startswith(_INSTANT_LOGS) else window_sums[k][0] / window_sums[k][1] for k, v in logs.items()}
+                window_sums = {}
                 if world > 1:
                     keys = sorted(logs)
                     vals = accelerator.reduce(torch.tensor([logs[k] for k in keys], device=accelerator.device),

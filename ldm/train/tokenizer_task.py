@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ldm.tokenizers.discriminator import NLayerDiscriminator
-from ldm.tokenizers.eq import EqTransform, eq_scales, prior_scale_image, sample_eq_transform, \
+from ldm.tokenizers.eq import EQ_MODES, EqTransform, eq_scales, prior_scale_image, sample_eq_transform, \
     transform_latent_and_image
 from ldm.tokenizers.export import build_tokenizer, is_run_or_checkpoint, model_downsample, \
     run_checkpoint_state, save_tokenizer_arch
@@ -170,7 +170,7 @@ class TokenizerTask(Task):
             loss = loss + vf_w * lvf
             logs.update(loss_vf=lvf, vf_weight=vf_w)
         self._cache[micro] = (target.detach(), x_rec.detach())
-        logs.update(loss=loss, eq_mode=torch.tensor(float(("plain", "prior_scale", "equivariance").index(t.mode))))
+        logs.update(loss=loss, eq_mode=torch.tensor(float(EQ_MODES.index(t.mode))))
         return StepOutput(loss, {k: float(v.detach()) for k, v in logs.items()})
 
     def _discriminator_step(self, step: int, micro: int) -> StepOutput:
