@@ -47,13 +47,20 @@ def loss_curves(run_dir: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    panels = [("tokenizer", ["train/loss_rec"], "L1 reconstruction"),
+    panels = [("tokenizer", ["train/loss_rec"], "L1 reconstruction (EQ-VAE modes mixed)"),
               ("generator", ["train/mse"], "flow-matching MSE (velocity)")]
     for ax, (stage, keys, title) in zip(axes, panels):
         rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines() if line]
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             ax.plot(*zip(*pts), label=key.split("/")[-1])
+        if stage == "tokenizer":  # the adversarial term trades some L1 for sharpness from here on
+            from omegaconf import OmegaConf
+
+            disc_start = OmegaConf.load(run_dir / stage / "config.yaml").tokenizer.disc_start
+            ax.axvline(disc_start, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("PatchGAN on", (disc_start, 0.97), xycoords=("data", "axes fraction"), xytext=(4, 0),
+                        textcoords="offset points", va="top", fontsize=8, color="grey")
         ax.set_title(f"{stage}: {title}")
         ax.set_xlabel("step")
         ax.set_yscale("log")
