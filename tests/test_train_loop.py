@@ -194,3 +194,29 @@ def test_checkpoint_keep_last_and_latest(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_0000004"
     ck = load_checkpoint(tmp_path / "checkpoints" / "step_0000004")
     assert torch.equal(ck["model"]["w"], state["w"]) and ck["ema"] is None
+
+
+def test_logged_losses_are_window_means_and_settings_are_instant(tmp_path):
+    """log_every=3 over 7 steps: each metrics.jsonl row holds the mean of the per-step values since the previous row
+    (a logged scalar equal to the 0-based step index makes the means 1, 4 and 6), while the learning rate is the
+    scheduler's value at the logging step, i.e. the lr of the next step (warm-up factor (s + 1) / 10 after s steps:
+    4/10, 7/10, 8/10 of optim.lr), as before the window averaging."""
+    from toy import ToyTask, toy_config
+
+    from ldm.data.images import build_dataset
+    from ldm.train.loop import fit
+
+    class StepLogging(ToyTask):
+        def forward(self, batch, *, step, phase, micro=0):
+            out = super().forward(batch, step=step, phase=phase, micro=micro)
+            return type(out)(out.loss, {**out.logs, "step_index": float(step)})
+
+    cfg = toy_config([f"train.run_root={tmp_path}", "name=w", "train.max_steps=7", "train.log_every=3",
+                      "optim.lr=1e-2", "optim.warmup_steps=10", "train.ckpt_every=1000"])
+    torch.manual_seed(0)
+    fit(cfg, StepLogging(), build_dataset(cfg.data), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/step_index" in r]
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert [r["train/step_index"] for r in rows] == [1.0, 4.0, 6.0]
+    assert [r["train/lr"] for r in rows] == pytest.approx([4e-3, 7e-3, 8e-3])

@@ -306,7 +306,8 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
                 # Losses are logged as their mean over the steps since the last log (as DiT's train.py does), so
                 # log_every trades resolution for noise, not for skipped information; settings (lr, EMA decay, the
                 # EQ-VAE mode drawn) are logged as they are at this step.
-                logs = {k: v if k.startswith(_INSTANT_LOGS) else window_sums[k][0] / window_sums[k][1] for k, v in logs.items()}
+                logs = {k: v if k.startswith(_INSTANT_LOGS) else window_sums[k][0] / window_sums[k][1]
+                        for k, v in logs.items()}
                 window_sums = {}
                 if world > 1:
                     keys = sorted(logs)
