@@ -110,7 +110,8 @@ class EqCfg:
 @dataclass
 class VaCfg:
     enabled: bool = False
-    encoder: str = field(default="dinov2_vitl14", metadata={"help": "frozen vision encoder name"})
+    encoder: str = field(default="dinov2_vitl14", metadata={
+        "help": "frozen vision encoder: a name of ldm.encoders.ENCODERS (local weights) or digits (shipped, offline)"})
     weights: Optional[str] = None
     vf_weight: float = bounded(0.1, min=0.0)
     margin_cos: float = bounded(0.5, min=0.0, max=2.0)

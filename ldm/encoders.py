@@ -150,6 +150,23 @@ def load_vit_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
 
 
+DIGITS_ENCODER = "digits"
+
+
+class DigitsPatchFeatures(nn.Module):
+    """The trunk of the shipped digits classifier (ldm.eval.digits_classifier) as a patch-feature network: images in
+    [0, 1] (B, 3, 32, 32) -> grey in [-1, 1] -> conv trunk (B, 4w, 8, 8) -> tokens (B, 64, 4w). The offline stand-in
+    for DINOv2 on the digits: supervised on the digit classes, not self-supervised, and 8 x 8 px per token."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean(dim=1, keepdim=True) * 2 - 1  # (B, 1, 32, 32)
+        return self.body(g).flatten(2).transpose(1, 2)  # (B, 64, 4w)
+
+
 def build_encoder(
     name: str,
     weights_path: str | Path | None = None,
@@ -158,11 +175,21 @@ def build_encoder(
     normalize: bool = True,
     resize_mode: str = "bicubic",
 ) -> FrozenEncoder:
-    """A frozen pretrained encoder by name (see `ENCODERS`), e.g. "dinov2_vitb14" or "mae_vitl16"."""
+    """A frozen pretrained encoder by name (see `ENCODERS`), e.g. "dinov2_vitb14" or "mae_vitl16", or "digits": the
+    conv trunk of the digits classifier shipped with ldm (4 x width features on an 8 x 8 grid of 32-px digits; works
+    offline, so VA-VAE and the latent diagnostics can run without foundation-model weights). For "digits" the
+    preprocessing is fixed (32 px, bilinear, no ImageNet normalisation) and `weights_path` may name another
+    classifier file."""
+    if name == DIGITS_ENCODER:
+        from ldm.eval.digits_classifier import DIGITS_SIZE, load_digits_classifier
+
+        net = load_digits_classifier(weights_path)
+        return FrozenEncoder(DigitsPatchFeatures(net.body), image_size=DIGITS_SIZE, patch_size=4,
+                             feature_dim=4 * net.config["width"], normalize=False, resize_mode="bilinear")
     import timm
 
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}")
+        raise ValueError(f"unknown encoder {name!r}; expected {DIGITS_ENCODER!r} or one of {sorted(ENCODERS)}")
     arch, _, _, _, default_size = ENCODERS[name]
     path = find_weights(name, weights_path)  # fail before building a large model
     image_size = image_size or default_size

@@ -207,9 +207,9 @@ def test_alignment_of_latents_with_themselves_is_perfect_and_subsampling_is_seed
 
 def test_digits_patch_encoder_returns_the_classifier_trunk_per_position():
     from ldm.eval.digits_classifier import load_digits_classifier
-    from ldm.eval.latents import build_alignment_encoder
+    from ldm.encoders import build_encoder
 
-    enc = build_alignment_encoder("digits")
+    enc = build_encoder("digits")
     x = torch.rand(2, 3, 32, 32, generator=gen(18)) * 2 - 1
     tokens = enc(x)  # (B, 64, 64)
     body = load_digits_classifier().body
@@ -229,10 +229,11 @@ def tiny_kl_tokenizer():
 
 
 def test_diagnose_kl_tokenizer_writes_json_and_figure(tmp_path):
-    from ldm.eval.latents import build_alignment_encoder, diagnose_tokenizer, load_images
+    from ldm.encoders import build_encoder
+    from ldm.eval.latents import diagnose_tokenizer, load_images
 
     tok = tiny_kl_tokenizer()
-    res = diagnose_tokenizer(tok, "digits", num_images=8, batch_size=8, encoder=build_alignment_encoder("digits"),
+    res = diagnose_tokenizer(tok, "digits", num_images=8, batch_size=8, encoder=build_encoder("digits"),
                              encoder_name="digits", max_tokens=256, scales=(0.5,), out_dir=tmp_path)
     saved = json.loads((tmp_path / "latent_diagnostics.json").read_text())
     assert saved == json.loads(json.dumps(res))

@@ -16,10 +16,9 @@ diagnostics of ldm.eval.latents. Seeds set both stages, so the spread covers tok
 
 VA-VAE needs a frozen vision foundation model; no pretrained DINOv2/MAE weights are available offline, so the
 aligner here is the conv trunk of the digits classifier shipped with ldm (ldm/assets/digits_classifier.safetensors,
-supervised on the digits' classes; 64-d features on an 8 x 8 grid = the latent grid), wrapped as a FrozenEncoder by
-ldm.eval.latents.build_alignment_encoder("digits"). That departs from the paper (self-supervised DINOv2 features of
-ImageNet). The pipeline cannot build that encoder by name, so run.py trains the VA-VAE tokenizer itself (same task,
-the VF aligner attached) and the pipeline then skips its finished tokenizer stage.
+supervised on the digits' classes; 64-d features on an 8 x 8 grid = the latent grid): ldm.encoders.build_encoder
+("digits"), named by `tokenizer.va.encoder: digits` in the configs. That departs from the paper (self-supervised
+DINOv2 features of ImageNet).
 
 Outputs: <run-root>/<mode>/results.json (every number), per run <variant>_s<seed>/study.json and diagnostics/;
 docs/replication.md (the block between the GENERATED markers), assets/replication_gfid.png (gFD vs steps, min-max
@@ -30,7 +29,6 @@ stages and measurements; the same seeds give the same numbers on the same CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -72,34 +70,6 @@ def study_config(mode: str, root: Path, variant: str, seed: int):
     return cfg
 
 
-def train_va_tokenizer(cfg) -> None:
-    """Train the VA-VAE tokenizer of `cfg` with the digits-classifier aligner (the pipeline builds encoders by name
-    from ldm.encoders only). Same initial weights as the other variants: fit's seeding, then the same build order."""
-    import torch
-
-    from ldm.data.sampler import derive_seed
-    from ldm.eval.latents import build_alignment_encoder
-    from ldm.pipeline import _finished, stage_configs
-    from ldm.tokenizers.va import VFAligner
-    from ldm.train.loop import fit
-    from ldm.train.tokenizer_task import VfSettings, build_tokenizer_task
-
-    tok_cfg, _ = stage_configs(cfg)
-    if _finished(tok_cfg.run_dir, tok_cfg.train.max_steps):
-        return
-    va = tok_cfg.tokenizer.va
-    plain = dataclasses.replace(tok_cfg, tokenizer=dataclasses.replace(tok_cfg.tokenizer,
-                                                                       va=dataclasses.replace(va, enabled=False)))
-    torch.manual_seed(derive_seed(tok_cfg.seed, "init"))  # as fit() does before building its task
-    task, dataset = build_tokenizer_task(plain)
-    encoder = build_alignment_encoder(va.encoder, va.weights)
-    task.va = VFAligner(encoder=encoder, feature_dim=encoder.feature_dim,
-                        latent_channels=tok_cfg.tokenizer.latent_channels)
-    task.vf = VfSettings(vf_weight=va.vf_weight, margin_cos=va.margin_cos, margin_dist=va.margin_dist,
-                         cos_weight=va.cos_weight, distmat_weight=va.distmat_weight, adaptive=va.adaptive)
-    fit(tok_cfg, task=task, dataset=dataset, progress=False)
-
-
 # ----------------------------------------------------------------------------------------------------------- one run
 def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_weights: str | None) -> dict:
     """Train (pipeline) and measure one (variant, seed); cached in <run>/study.json for identical settings."""
@@ -107,7 +77,8 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
 
     from ldm.eval.evaluate import evaluate_reconstruction, evaluate_samples
     from ldm.eval.generate import write_samples
-    from ldm.eval.latents import build_alignment_encoder, diagnose_tokenizer
+    from ldm.encoders import build_encoder
+    from ldm.eval.latents import diagnose_tokenizer
     from ldm.pipeline import run_pipeline
     from ldm.tokenizers.export import load_tokenizer
     from ldm.train.generator_task import load_generator
@@ -118,13 +89,8 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
         record = json.loads(record_file.read_text())
         if record.get("settings") == settings:
             return record
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    if variant == "kl_va":
-        train_va_tokenizer(cfg)
-    seconds["tokenizer_va_fit"] = round(time.perf_counter() - start, 1)
     summary = run_pipeline(cfg, progress=False)
-    seconds.update({k: v["seconds"] for k, v in summary["stages"].items()})
+    seconds = {k: v["seconds"] for k, v in summary["stages"].items()}
 
     start = time.perf_counter()
     tok = load_tokenizer(run_dir / "tokenizer")
@@ -141,7 +107,7 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
     seconds["recon_eval"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
-    diag = diagnose_tokenizer(tok, "digits", num_images=settings["diag_images"], encoder=build_alignment_encoder(
+    diag = diagnose_tokenizer(tok, "digits", num_images=settings["diag_images"], encoder=build_encoder(
         "digits"), encoder_name="digits classifier trunk", out_dir=run_dir / "diagnostics")
     record["diagnostics"] = diag
     seconds["diagnostics"] = round(time.perf_counter() - start, 1)
@@ -311,6 +277,8 @@ def write_docs(path: Path, block: str) -> None:
 
 def generated_block(mode: str, command: str, agg: dict, records: list[dict], steps: list[int], wall: float,
                     settings: dict, inception_weights: str | None) -> str:
+    import torch
+
     compute = sum(sum(r["seconds"].values()) for r in records)
     per_variant = {v: np.mean([sum(r["seconds"].values()) for r in records if r["variant"] == v]) for v in agg}
     phases = {k: sum(r["seconds"].get(k, 0.0) for r in records) for k in records[0]["seconds"]}
@@ -332,7 +300,7 @@ def generated_block(mode: str, command: str, agg: dict, records: list[dict], ste
              f"Time: {compute / 60:.1f} min of wall-clock time recorded by the runs when they ran (" +
              ", ".join(f"{VARIANTS[v][0]} {s / 60:.1f} min per seed" for v, s in per_variant.items()) +
              "; by phase: " + ", ".join(f"{k} {s / 60:.1f}" for k, s in phases.items() if s >= 1) +
-             f" min) on {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; this "
+             f" min) on {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; this "
              f"invocation {wall / 60:.1f} min (finished runs are read from their study.json, not redone)."]
     return "\n".join(lines)
 

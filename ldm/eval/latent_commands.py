@@ -71,7 +71,8 @@ def register_latents(eval_subparsers) -> None:
 def cmd_latents(args: argparse.Namespace) -> int:
     import torch
 
-    from ldm.eval.latents import build_alignment_encoder, diagnose_tokenizer
+    from ldm.encoders import build_encoder
+    from ldm.eval.latents import diagnose_tokenizer
     from ldm.tokenizers.export import load_tokenizer
 
     start = time.time()
@@ -80,7 +81,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
         if args.num_images < 2:
             raise ValueError(f"--num-images={args.num_images}; expected at least 2")
         tok = load_tokenizer(args.tokenizer, use_ema=not args.no_ema, device=device)
-        encoder = build_alignment_encoder(args.encoder, args.encoder_weights).to(device) if args.encoder else None
+        encoder = build_encoder(args.encoder, args.encoder_weights).to(device) if args.encoder else None
         res = diagnose_tokenizer(tok, args.data, image_size=args.image_size, num_images=args.num_images,
                                  batch_size=args.batch_size, encoder=encoder, encoder_name=args.encoder or "",
                                  scales=args.scales, hf_cutoff=args.hf_cutoff, topk=args.topk,

@@ -203,34 +203,6 @@ def features_at_grid(encoder: nn.Module, images: torch.Tensor, grid: tuple[int, 
     return f
 
 
-class DigitsPatchFeatures(nn.Module):
-    """The trunk of the shipped digits classifier (ldm.eval.digits_classifier) as a patch-feature network: images in
-    [0, 1] (B, 3, 32, 32) -> grey in [-1, 1] -> conv trunk (B, 4w, 8, 8) -> tokens (B, 64, 4w). The offline stand-in
-    for DINOv2 on the digits: supervised on the digit classes, not self-supervised, and 8 x 8 px per token."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.mean(dim=1, keepdim=True) * 2 - 1  # (B, 1, 32, 32)
-        return self.body(g).flatten(2).transpose(1, 2)  # (B, 64, 4w)
-
-
-def build_alignment_encoder(name: str, weights: str | None = None) -> nn.Module:
-    """'digits' (the committed digits classifier's conv features, 8 x 8 grid) or a name of ldm.encoders.ENCODERS."""
-    from ldm.encoders import FrozenEncoder, build_encoder
-
-    if name != "digits":
-        return build_encoder(name, weights)
-    from ldm.eval.digits_classifier import DIGITS_SIZE, load_digits_classifier
-
-    net = load_digits_classifier(weights)
-    width = net.config["width"]
-    return FrozenEncoder(DigitsPatchFeatures(net.body), image_size=DIGITS_SIZE, patch_size=4, feature_dim=4 * width,
-                         normalize=False, resize_mode="bilinear")
-
-
 def alignment(latents: torch.Tensor, features: torch.Tensor, *, topk: int = 10, max_tokens: int = 2048,
               seed: int = 0) -> dict:
     """Token-level alignment of latents (N, C, h, w) with features (N, D, h, w): each latent position is a point.

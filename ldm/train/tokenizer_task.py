@@ -220,7 +220,13 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
         lpips = build_lpips(tok.lpips_weights, random_backbone=tok.lpips_random_backbone)
     elif tok.lpips_random_backbone:
         log.warning("tokenizer.lpips_random_backbone=true has no effect: tokenizer.perceptual_weight=0")
-    va = None
+    eq = None
+    if tok.eq.enabled:
+        eq = EqSettings(scales=eq_scales(tok.eq.scale_num_min, tok.eq.scale_num_max, tok.eq.scale_den),
+                        p_equivariance=tok.eq.p_equivariance, p_prior_scale=tok.eq.p_prior_scale,
+                        anisotropic=tok.eq.anisotropic, rotate=tok.eq.rotate)
+    disc = NLayerDiscriminator(in_channels=3, filters=tok.disc_filters, layers=tok.disc_layers, norm=tok.disc_norm)
+    va = None  # built last, so switching VA-VAE on leaves the autoencoder's and discriminator's init as they were
     if tok.va.enabled:
         from ldm.encoders import build_encoder
 
@@ -228,12 +234,6 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
         latent_channels = autoencoder.latent_channels if isinstance(autoencoder, VQAutoencoder) \
             else autoencoder.config.latent_channels
         va = VFAligner(encoder=encoder, feature_dim=encoder.feature_dim, latent_channels=latent_channels)
-    eq = None
-    if tok.eq.enabled:
-        eq = EqSettings(scales=eq_scales(tok.eq.scale_num_min, tok.eq.scale_num_max, tok.eq.scale_den),
-                        p_equivariance=tok.eq.p_equivariance, p_prior_scale=tok.eq.p_prior_scale,
-                        anisotropic=tok.eq.anisotropic, rotate=tok.eq.rotate)
-    disc = NLayerDiscriminator(in_channels=3, filters=tok.disc_filters, layers=tok.disc_layers, norm=tok.disc_norm)
     task = TokenizerTask(autoencoder=autoencoder, discriminator=disc, lpips=lpips,
                          perceptual_weight=tok.perceptual_weight, rec_loss=tok.rec_loss, kl_weight=tok.kl_weight,
                          logvar_init=tok.logvar_init, learn_logvar=tok.learn_logvar, disc_start=tok.disc_start,
