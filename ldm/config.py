@@ -465,7 +465,7 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the fully resolved config (atomically, so a crash never leaves half a file)."""
-    from ldm.train.checkpoint import atomic_write_text
+    from ldm.io import atomic_write_text
 
     atomic_write_text(Path(path), to_yaml(cfg))
 

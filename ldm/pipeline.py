@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from ldm.config import PipelineCfg, RunConfig, as_container, save_config
-from ldm.train.checkpoint import atomic_write_text, latest_checkpoint
+from ldm.io import atomic_write_text
+from ldm.runs import latest_checkpoint
 
 log = logging.getLogger("ldm.pipeline")
 
@@ -158,7 +159,7 @@ def _last_metrics(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------ driver
 def run_pipeline(cfg: PipelineCfg, *, progress: bool = True) -> dict:
     """Run the configured stages in order; returns (and writes) the summary."""
-    from ldm.train.logging import setup_logging
+    from ldm.runs import setup_logging
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from ldm.data.embedded import digits_arrays
-from ldm.data.images import (BadImageError, ImageDataset, center_crop_arr, decode_image, iter_uint8_batches,
-                             open_source)
-from ldm.data.sampler import ResumableBatchSampler, derive_seed
+from ldm.data.images import BadImageError, ImageDataset, center_crop_arr, decode_image, iter_uint8_batches, open_source
+from ldm.data.sampler import ResumableBatchSampler
+from ldm.seeding import derive_seed
 
 
 def _rgb(seed, size=(12, 10)):

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from ldm.encoders import IMAGENET_MEAN, IMAGENET_STD, ENCODERS, FrozenEncoder, build_encoder, load_vit_weights
+from ldm.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, FrozenEncoder, build_encoder, load_vit_weights
 
 
 def tiny_vit(img_size=28, seed=0, **kw):

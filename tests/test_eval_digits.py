@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.eval.digits_classifier import (DEFAULT_WEIGHTS, DigitsClassifier, digits_split, load_digits_classifier,
-                                        preprocess_digits)
+from ldm.eval.digits_classifier import (
+    DEFAULT_WEIGHTS,
+    DigitsClassifier,
+    digits_split,
+    load_digits_classifier,
+    preprocess_digits,
+)
 from ldm.eval.extractors import build_extractor
 
 HELDOUT_ACCURACY = 0.98  # the committed weights reach 0.9944 on the 360 held-out digits

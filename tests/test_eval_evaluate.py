@@ -9,12 +9,18 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_file
+
 from ldm.eval import commands
 from ldm.eval.digits_classifier import digits_split
-from ldm.eval.evaluate import (evaluate_pairs, evaluate_reconstruction, evaluate_samples, reference_stats,
-                               stats_cache_path, write_reference_stats)
+from ldm.eval.evaluate import (
+    evaluate_pairs,
+    evaluate_reconstruction,
+    evaluate_samples,
+    reference_stats,
+    stats_cache_path,
+    write_reference_stats,
+)
 from ldm.eval.extractors import build_extractor
 from ldm.eval.fid import GaussianStats, save_stats
 

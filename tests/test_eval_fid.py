@@ -7,8 +7,16 @@ import pytest
 import torch
 from scipy import linalg
 
-from ldm.eval.fid import (GaussianStats, frechet_distance, frechet_distance_eigh, frechet_distance_sqrtm, has_stats,
-                          load_stats, save_stats, stats_from_features)
+from ldm.eval.fid import (
+    GaussianStats,
+    frechet_distance,
+    frechet_distance_eigh,
+    frechet_distance_sqrtm,
+    has_stats,
+    load_stats,
+    save_stats,
+    stats_from_features,
+)
 
 
 def random_spd(d: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from PIL import Image
 
-from conftest import shared_file
 from ldm.eval.fid import frechet_distance, stats_from_features
-from ldm.eval.inception import (INCEPTION_ENV, INCEPTION_FILENAMES, INCEPTION_URL, FIDInceptionV3,
-                                find_inception_weights, load_inception, resize_bilinear_tf1)
+from ldm.eval.inception import (
+    INCEPTION_ENV,
+    INCEPTION_FILENAMES,
+    INCEPTION_URL,
+    FIDInceptionV3,
+    find_inception_weights,
+    load_inception,
+    resize_bilinear_tf1,
+)
 from ldm.eval.metrics import inception_score
 
 WEIGHTS = "weights/fid_inception_v3_tf2015.pth"

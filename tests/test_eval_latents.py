@@ -9,9 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.eval.latents import alignment, channel_stats, cknna, codebook_stats, eq_transforms, equivariance_errors, \
-    high_frequency_share, hsic_unbiased, kl_per_element, linear_cka, posterior_stats, power_spectrum, radial_profile, \
-    spectrum_summary
+from ldm.eval.latents import (
+    alignment,
+    channel_stats,
+    cknna,
+    codebook_stats,
+    eq_transforms,
+    equivariance_errors,
+    high_frequency_share,
+    hsic_unbiased,
+    kl_per_element,
+    linear_cka,
+    posterior_stats,
+    power_spectrum,
+    radial_profile,
+    spectrum_summary,
+)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -206,8 +219,8 @@ def test_alignment_of_latents_with_themselves_is_perfect_and_subsampling_is_seed
 
 
 def test_digits_patch_encoder_returns_the_classifier_trunk_per_position():
-    from ldm.eval.digits_classifier import load_digits_classifier
     from ldm.encoders import build_encoder
+    from ldm.eval.digits_classifier import load_digits_classifier
 
     enc = build_encoder("digits")
     x = torch.rand(2, 3, 32, 32, generator=gen(18)) * 2 - 1

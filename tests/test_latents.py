@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_python
+
 from ldm.data.embedded import digits_arrays
 from ldm.data.images import ImageDataset, open_source
 from ldm.data.latents import CACHE_CROPS, DTYPES, LatentCacheDataset, build_latent_cache, read_cache_meta

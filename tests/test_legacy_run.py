@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from conftest import REPO, run_python
 
 FIXTURE = REPO / "tests" / "fixtures" / "legacy_run"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from ldm.config import load_config
 from ldm.diffusion.guidance import interval_from_sit_time
 from ldm.train.generator_task import build_generator_model

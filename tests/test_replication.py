@@ -6,7 +6,6 @@ whose aligner path run.py drives itself), no docs rewritten."""
 import json
 
 import pytest
-
 from conftest import run_python
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_python
 from PIL import Image
 
-from conftest import REPO, run_python
 from ldm.config import load_config
-from ldm.eval.generate import (SAMPLE_CONFIG, labels_for, parse_classes, png_path, write_samples)
+from ldm.eval.generate import SAMPLE_CONFIG, labels_for, parse_classes, png_path, write_samples
 from ldm.train.generator_task import load_generator
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

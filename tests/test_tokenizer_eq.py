@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.tokenizers.eq import EqTransform, eq_scales, equivariance_error, prior_scale_image, rotate90, \
-    sample_eq_transform, scaled_size, transform_latent_and_image
+from ldm.tokenizers.eq import (
+    EqTransform,
+    eq_scales,
+    equivariance_error,
+    prior_scale_image,
+    rotate90,
+    sample_eq_transform,
+    scaled_size,
+    transform_latent_and_image,
+)
 
 
 def test_scale_set_matches_reference():

@@ -11,8 +11,13 @@ from ldm.config import ConfigError, load_config
 from ldm.tokenizers import export_tokenizer, load_tokenizer
 from ldm.tokenizers.export import build_tokenizer, fingerprint
 from ldm.tokenizers.kl import build_autoencoder_kl
-from ldm.tokenizers.stats import STATS_FILE, compute_latent_stats, compute_tokenizer_stats, load_latent_stats, \
-    save_latent_stats
+from ldm.tokenizers.stats import (
+    STATS_FILE,
+    compute_latent_stats,
+    compute_tokenizer_stats,
+    load_latent_stats,
+    save_latent_stats,
+)
 
 TINY = ["stage=tokenizer", "data.image_size=16", "data.class_cond=false", "tokenizer.block_out_channels=[32,32]",
         "tokenizer.layers_per_block=1", "tokenizer.perceptual_weight=0", "tokenizer.disc_layers=1",
@@ -23,7 +28,8 @@ def _tiny_run(tmp_path, name, *extra):
     """A tokenizer run directory as the training loop leaves it (tokenizer_arch.json, config.yaml, a checkpoint with
     model.safetensors + ema.safetensors), written without training: the EMA weights differ from the live ones."""
     from ldm.config import save_config
-    from ldm.train.checkpoint import FORMAT_VERSION, save_checkpoint
+    from ldm.runs import FORMAT_VERSION
+    from ldm.train.checkpoint import save_checkpoint
     from ldm.train.tokenizer_task import build_tokenizer_task
 
     cfg = load_config(overrides=[*TINY, f"name={name}", f"train.run_root={tmp_path}", *extra])

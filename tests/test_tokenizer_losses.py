@@ -8,8 +8,19 @@ import torch
 from torch import nn
 
 from ldm.tokenizers.discriminator import ActNorm, NLayerDiscriminator
-from ldm.tokenizers.losses import adaptive_weight, adopt_weight, build_lpips, hinge_d_loss, hinge_g_loss, \
-    kl_diagonal_gaussian, lpips_loss, nll_loss, non_saturating_d_loss, non_saturating_g_loss, reconstruction_loss
+from ldm.tokenizers.losses import (
+    adaptive_weight,
+    adopt_weight,
+    build_lpips,
+    hinge_d_loss,
+    hinge_g_loss,
+    kl_diagonal_gaussian,
+    lpips_loss,
+    nll_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+    reconstruction_loss,
+)
 
 
 def test_kl_matches_torch_distributions():

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ldm.tokenizers.discriminator import NLayerDiscriminator
-from ldm.tokenizers.eq import eq_scales
 from ldm.tokenizers.kl import build_autoencoder_kl
 from ldm.tokenizers.va import VFAligner, vf_loss
 from ldm.tokenizers.vq import VQAutoencoder

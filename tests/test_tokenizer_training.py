@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import shared_file
 from safetensors.torch import load_file
 
-from conftest import shared_file
 from ldm.tokenizers import load_tokenizer
 from ldm.tokenizers.eq import eq_scales, equivariance_error
 from ldm.tokenizers.kl import build_autoencoder_kl

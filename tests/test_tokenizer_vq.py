@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from ldm.tokenizers.vq import VectorQuantizer, VQAutoencoder, codebook_losses, ema_codebook_update, entropy_loss, \
-    perplexity
+from ldm.tokenizers.vq import (
+    VectorQuantizer,
+    VQAutoencoder,
+    codebook_losses,
+    ema_codebook_update,
+    entropy_loss,
+    perplexity,
+)
 
 
 def _quantizer(codes, **kw):

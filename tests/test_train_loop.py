@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_python
-from ldm.train.checkpoint import load_checkpoint, save_checkpoint
+
+from ldm.runs import load_checkpoint
+from ldm.train.checkpoint import save_checkpoint
 from ldm.train.ema import EMA, ema_decay_at
 from ldm.train.loop import lr_lambda
 

@@ -41,7 +41,7 @@ class ToyTask(Task):
 
     @torch.no_grad()
     def visualize(self, batch, ema):
-        from ldm.train.logging import make_grid
+        from ldm.io import make_grid
 
         net = ema if ema is not None else self.net
         return make_grid(torch.cat([batch["image"][:4], net(batch["image"][:4])]), nrow=4)

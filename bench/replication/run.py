@@ -75,9 +75,9 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
     """Train (pipeline) and measure one (variant, seed); cached in <run>/study.json for identical settings."""
     import torch
 
+    from ldm.encoders import build_encoder
     from ldm.eval.evaluate import evaluate_reconstruction, evaluate_samples
     from ldm.eval.generate import write_samples
-    from ldm.encoders import build_encoder
     from ldm.eval.latents import diagnose_tokenizer
     from ldm.pipeline import run_pipeline
     from ldm.tokenizers.export import load_tokenizer

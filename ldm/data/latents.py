@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.io import fsync_path
 from ldm.tokenizers.stats import LatentStats, RunningMoments
-from ldm.train.checkpoint import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class _ShardWriter:
         self.arrays["labels"][rows] = labels.cpu().numpy().astype(np.int64)
 
     def commit(self) -> None:
-        from ldm.train.checkpoint import atomic_write_text
+        from ldm.io import atomic_write_text
 
         for arr in self.arrays.values():
             arr.flush()
@@ -333,7 +333,7 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
     from tqdm.auto import tqdm
 
     from ldm.data.images import ImageDataset, open_source
-    from ldm.train.checkpoint import atomic_write_text
+    from ldm.io import atomic_write_text
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")

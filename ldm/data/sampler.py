@@ -9,15 +9,9 @@ The last incomplete global batch of an epoch is dropped so all processes take th
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from several integers, by hashing (never by adding: seed + rank collides with seed+1's rank 0)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from ldm.seeding import derive_seed
 
 
 class ResumableBatchSampler:

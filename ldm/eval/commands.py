@@ -9,8 +9,8 @@ main process prints and writes.
 from __future__ import annotations
 
 import argparse
-import json
 import functools
+import json
 import math
 import sys
 import time

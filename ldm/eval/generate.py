@@ -35,19 +35,14 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.data.sampler import derive_seed
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.paths import DiscretePath, Path
 from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, time_grid
 from ldm.eval.features import dist_info
-from ldm.train.checkpoint import atomic_write_text, git_sha
+from ldm.io import atomic_write_text, git_sha
+from ldm.seeding import derive_seed, index_generators
 
 log = logging.getLogger(__name__)
-
-
-def index_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per global sample index, seeded by hash(seed, index)."""
-    return [torch.Generator(device=device).manual_seed(derive_seed(seed, "sample", int(i))) for i in indices]
 
 
 def sampler_times(sample_cfg, path: Path) -> torch.Tensor:
@@ -294,7 +289,7 @@ def write_npz(out: FsPath, num: int, labels: torch.Tensor | None) -> FsPath:
 
 def write_grid(out: FsPath, count: int, nrow: int) -> FsPath:
     """grid.png of the first `count` PNGs, `nrow` images per row."""
-    from ldm.train.logging import make_grid, save_image_grid
+    from ldm.io import make_grid, save_image_grid
 
     images = torch.stack([torch.from_numpy(read_png(png_path(out, i))).permute(2, 0, 1) for i in range(count)])
     path = FsPath(out) / GRID_NAME

@@ -332,7 +332,7 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
     else:
         result["alignment"] = {"skipped": "no frozen encoder given (ldm eval latents --encoder NAME)"}
     if out_dir is not None:
-        from ldm.train.checkpoint import atomic_write_text
+        from ldm.io import atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from ldm.eval.generate import write_samples
-    from ldm.train.logging import setup_logging
+    from ldm.runs import setup_logging
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     setup_logging(None, accelerator.is_main_process)

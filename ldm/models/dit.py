@@ -38,13 +38,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.layers import (
-    check_generator_inputs,
     GeluMlp,
     GeneratorOutput,
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
     apply_rope,
+    check_generator_inputs,
     drop_labels,
     modulate,
     rope_2d_angles,

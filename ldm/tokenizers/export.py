@@ -28,8 +28,14 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch import nn
 
-from ldm.tokenizers.kl import Posterior, autoencoder_downsample, build_autoencoder_kl, decode_latent, \
-    encode_posterior, load_autoencoder_kl
+from ldm.tokenizers.kl import (
+    Posterior,
+    autoencoder_downsample,
+    build_autoencoder_kl,
+    decode_latent,
+    encode_posterior,
+    load_autoencoder_kl,
+)
 from ldm.tokenizers.stats import STATS_FILE, LatentStats, load_latent_stats, save_latent_stats
 from ldm.tokenizers.vq import VQAutoencoder
 
@@ -90,7 +96,7 @@ def is_run_or_checkpoint(path: str | Path) -> bool:
 
 def run_checkpoint_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
     """(architecture record, full Task state_dict from model.safetensors, checkpoint dir) of an ldm tokenizer run."""
-    from ldm.train.checkpoint import resolve_checkpoint
+    from ldm.runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     return _arch_for_run(ckpt.parent.parent), load_file(str(ckpt / "model.safetensors")), ckpt
@@ -138,7 +144,7 @@ def model_from_arch(arch: dict[str, Any]) -> nn.Module:
 
 
 def save_tokenizer_arch(model: nn.Module, run_dir: str | Path) -> Path:
-    from ldm.train.checkpoint import atomic_write_text
+    from ldm.io import atomic_write_text
 
     path = Path(run_dir) / ARCH_FILE
     atomic_write_text(path, json.dumps(tokenizer_arch(model), indent=2) + "\n")
@@ -290,7 +296,7 @@ def _arch_for_run(run_dir: Path) -> dict[str, Any]:
 
 
 def _load_run(path: Path, use_ema: bool) -> Tokenizer:
-    from ldm.train.checkpoint import resolve_checkpoint
+    from ldm.runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
@@ -340,7 +346,7 @@ def export_tokenizer(src: str | Path, out_dir: str | Path, *, use_ema: bool = Tr
                                    latents_std=list(tok.stats.std))
         vae.save_pretrained(str(out_dir), safe_serialization=True)
     else:
-        from ldm.train.checkpoint import atomic_write_text, save_tensors
+        from ldm.io import atomic_write_text, save_tensors
 
         state = {k: v for k, v in tok.model.state_dict().items() if k not in VQ_TRAINING_BUFFERS}
         save_tensors(out_dir / VQ_WEIGHTS_FILE, state)

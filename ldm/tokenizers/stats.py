@@ -103,7 +103,7 @@ def compute_latent_stats(encode: Callable[[torch.Tensor], torch.Tensor], images:
 
 def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
     """Write the JSON atomically (a directory gets `latent_stats.json`)."""
-    from ldm.train.checkpoint import atomic_write_text
+    from ldm.io import atomic_write_text
 
     path = Path(path)
     if path.is_dir():
@@ -147,7 +147,7 @@ def compute_tokenizer_stats(path: str | Path, data_cfg, *, num_images: int, batc
                                  fingerprint=tok.fingerprint)
     path = Path(path)
     if is_run_or_checkpoint(path):
-        from ldm.train.checkpoint import resolve_checkpoint
+        from ldm.runs import resolve_checkpoint
 
         path = resolve_checkpoint(path).parent.parent
     out = path / STATS_FILE

@@ -28,8 +28,8 @@ def upscale(path: Path, out: Path, factor: int) -> None:
 
 def reconstruction_grid(tokenizer_dir: Path, out: Path, n: int = 12, factor: int = 3) -> None:
     from ldm.data.embedded import digits_arrays
+    from ldm.io import make_grid, save_image_grid
     from ldm.tokenizers.export import load_tokenizer
-    from ldm.train.logging import make_grid, save_image_grid
 
     tok = load_tokenizer(tokenizer_dir)
     images, _ = digits_arrays(32)

@@ -19,8 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.eval.digits_classifier import (DEFAULT_WEIGHTS, DigitsClassifier, digits_split, preprocess_digits,
-                                        save_digits_classifier)
+from ldm.eval.digits_classifier import (
+    DEFAULT_WEIGHTS,
+    DigitsClassifier,
+    digits_split,
+    preprocess_digits,
+    save_digits_classifier,
+)
 
 logger = logging.getLogger(__name__)
 

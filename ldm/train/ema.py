@@ -39,6 +39,6 @@ class EMA:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from ldm.train.checkpoint import load_state_strict
+        from ldm.runs import load_state_strict
 
         load_state_strict(self.model, state, "EMA weights")

@@ -192,7 +192,8 @@ class GeneratorTask(Task):
     @torch.no_grad()
     def generate(self, model: nn.Module, labels: torch.Tensor | None, indices: list[int], seed: int) -> torch.Tensor:
         """Images in [-1, 1] for sample indices (per-index seeds) with cfg.sample's sampler and guidance."""
-        from ldm.eval.generate import index_generators, initial_noise, sample_latents
+        from ldm.eval.generate import initial_noise, sample_latents
+        from ldm.seeding import index_generators
 
         device = self.normalizer.mean.device
         gens = index_generators(seed, indices)
@@ -235,7 +236,7 @@ class GeneratorTask(Task):
 
     @torch.no_grad()
     def visualize(self, batch, ema):
-        from ldm.train.logging import make_grid
+        from ldm.io import make_grid
 
         cols = min(self.num_classes, 10) if self.num_classes else 8
         rows = 4
@@ -336,8 +337,8 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
     The tokenizer is the one recorded in the run's config (or `tokenizer`, checked against the recorded fingerprint).
     use_ema=True loads the EMA weights and fails clearly when the checkpoint has none.
     """
+    from ldm.runs import load_checkpoint, load_state_strict, resolve_checkpoint
     from ldm.tokenizers.export import load_tokenizer
-    from ldm.train.checkpoint import load_checkpoint, load_state_strict, resolve_checkpoint
 
     ckpt_dir = resolve_checkpoint(path)
     ckpt = load_checkpoint(ckpt_dir)

@@ -23,11 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, RunConfig, as_container, save_config
-from ldm.data.sampler import ResumableBatchSampler, derive_seed
-from ldm.train.checkpoint import latest_checkpoint, load_checkpoint, load_state_strict, resolve_checkpoint, \
-    save_checkpoint
+from ldm.data.sampler import ResumableBatchSampler
+from ldm.io import save_image_grid
+from ldm.runs import latest_checkpoint, load_checkpoint, load_state_strict, resolve_checkpoint, setup_logging
+from ldm.seeding import derive_seed
+from ldm.train.checkpoint import save_checkpoint
 from ldm.train.ema import EMA
-from ldm.train.logging import MetricsWriter, save_image_grid, setup_logging
+from ldm.train.logging import MetricsWriter
 from ldm.train.task import Task
 
 # logged as their value at the logging step; every other scalar is averaged over the steps since the previous log

@@ -29,13 +29,33 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ldm.tokenizers.discriminator import NLayerDiscriminator
-from ldm.tokenizers.eq import EQ_MODES, EqTransform, eq_scales, prior_scale_image, sample_eq_transform, \
-    transform_latent_and_image
-from ldm.tokenizers.export import build_tokenizer, is_run_or_checkpoint, model_downsample, \
-    run_checkpoint_state, save_tokenizer_arch
-from ldm.tokenizers.kl import decoder_last_layer, decode_latent, encode_posterior, encoder_last_layer
-from ldm.tokenizers.losses import D_LOSSES, G_LOSSES, adaptive_weight, adopt_weight, build_lpips, \
-    kl_diagonal_gaussian, lpips_loss, nll_loss, reconstruction_loss
+from ldm.tokenizers.eq import (
+    EQ_MODES,
+    EqTransform,
+    eq_scales,
+    prior_scale_image,
+    sample_eq_transform,
+    transform_latent_and_image,
+)
+from ldm.tokenizers.export import (
+    build_tokenizer,
+    is_run_or_checkpoint,
+    model_downsample,
+    run_checkpoint_state,
+    save_tokenizer_arch,
+)
+from ldm.tokenizers.kl import decode_latent, decoder_last_layer, encode_posterior, encoder_last_layer
+from ldm.tokenizers.losses import (
+    D_LOSSES,
+    G_LOSSES,
+    adaptive_weight,
+    adopt_weight,
+    build_lpips,
+    kl_diagonal_gaussian,
+    lpips_loss,
+    nll_loss,
+    reconstruction_loss,
+)
 from ldm.tokenizers.va import VFAligner, vf_loss
 from ldm.tokenizers.vq import VQAutoencoder
 from ldm.train.task import StepOutput, Task
