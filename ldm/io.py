@@ -7,6 +7,7 @@ Nothing here imports from the rest of ldm.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -51,6 +52,15 @@ def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.detach().clone().contiguous() if ptr in seen or not v.is_contiguous() else v.detach()
         seen.add(ptr)
     return {k: v.cpu() for k, v in out.items()}
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (checkpoint files can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
