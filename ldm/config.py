@@ -6,6 +6,8 @@ dataclasses (`OmegaConf.to_object`) so the rest of the code never touches a Dict
 
 Every field may carry validation metadata (`choices`, `min`, `max`, `min_exclusive`); `validate()` checks all of them
 in one place, plus the cross-field facts, and raises `ConfigError` naming the key, the value and what is allowed.
+Names that pick a registered implementation (sampler, DiT preset, FID extractor, vision encoder, tokenizer kind) are
+checked against the torch-free tuples of ldm/names.py, so a typo fails here rather than at the first sample grid.
 Unknown keys are rejected with the closest valid key ("did you mean ...").
 """
 
@@ -19,6 +21,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ldm.names import DIT_PRESET_NAMES, ENCODER_NAMES, EXTRACTOR_NAMES, SAMPLER_NAMES, TOKENIZER_KINDS
 
 
 class ConfigError(ValueError):
@@ -110,8 +114,8 @@ class EqCfg:
 @dataclass
 class VaCfg:
     enabled: bool = False
-    encoder: str = field(default="dinov2_vitl14", metadata={
-        "help": "frozen vision encoder: a name of ldm.encoders.ENCODERS (local weights) or digits (shipped, offline)"})
+    encoder: str = choice("dinov2_vitl14", ENCODER_NAMES, "frozen vision encoder: a name of ldm.encoders.ENCODERS "
+                                                          "(local weights) or digits (shipped, offline)")
     weights: Optional[str] = None
     vf_weight: float = bounded(0.1, min=0.0)
     margin_cos: float = bounded(0.5, min=0.0, max=2.0)
@@ -136,7 +140,7 @@ class VqCfg:
 
 @dataclass
 class TokenizerCfg:
-    kind: str = choice("kl", ("kl", "vq"), "KL autoencoder (diffusers AutoencoderKL) or VQ autoencoder")
+    kind: str = choice("kl", TOKENIZER_KINDS, "KL autoencoder (diffusers AutoencoderKL) or VQ autoencoder")
     pretrained: Optional[str] = field(default=None, metadata={"help": "diffusers AutoencoderKL folder to fine-tune "
                                                                       "or use frozen (generator stage)"})
     checkpoint: Optional[str] = field(default=None, metadata={"help": "ldm tokenizer run directory or export folder "
@@ -176,7 +180,8 @@ class TokenizerCfg:
 @dataclass
 class ModelCfg:
     arch: str = choice("dit", ("dit", "unet"), "generator network")
-    preset: str = field(default="DiT-S/2", metadata={"help": "DiT preset name (see ldm.models.dit.DIT_PRESETS)"})
+    preset: str = field(default="DiT-S/2", metadata={"help": "DiT preset name (model.arch=dit; ldm.names."
+                                                             "DIT_PRESET_NAMES = ldm.models.dit.DIT_PRESETS)"})
     learn_sigma: bool = False
     class_dropout: float = bounded(0.1, min=0.0, max=1.0, help="label dropout for classifier-free guidance")
     use_swiglu: bool = False
@@ -205,7 +210,8 @@ class DiffusionCfg:
     scaling_factor: Optional[float] = field(default=None, metadata={"help": "scalar factor (latent_norm=scalar); "
                                                                             "default: the tokenizer's"})
     repa: bool = False
-    repa_encoder: str = "dinov2_vitb14"
+    repa_encoder: str = choice("dinov2_vitb14", ENCODER_NAMES, "frozen vision encoder REPA aligns to (as "
+                                                              "tokenizer.va.encoder)")
     repa_weights: Optional[str] = None
     repa_depth: int = bounded(8, min=1)
     repa_weight: float = bounded(0.5, min=0.0)
@@ -214,7 +220,8 @@ class DiffusionCfg:
 
 @dataclass
 class SampleCfg:
-    sampler: str = field(default="euler", metadata={"help": "sampler name (see ldm.diffusion.samplers.SAMPLERS)"})
+    sampler: str = choice("euler", SAMPLER_NAMES, "sampler (ldm.diffusion.samplers.SAMPLERS); the options each one "
+                                                  "reads: samplers.SAMPLER_OPTIONS")
     steps: int = bounded(50, min=1)
     cfg_scale: float = bounded(1.0, min=0.0, help="classifier-free guidance scale (1 = off)")
     interval: list = listed([0.0, 1.0], "guidance on for t in [lo, hi] (t=0 data, t=1 noise)")
@@ -228,9 +235,17 @@ class SampleCfg:
     use_ema: bool = True
 
 
+# SampleCfg fields left out of a sample folder's identity (ldm.eval.generate.sample_identity records every other
+# field), so one folder never mixes images of two settings. num and batch_size change how many images are made and how
+# fast, not which; seed and use_ema do decide the images, but the identity records the values actually used (a seed
+# given on the command line, whether the checkpoint had EMA weights) under its own keys, not the config's.
+SAMPLE_NON_IDENTITY_FIELDS: tuple[str, ...] = ("num", "batch_size", "seed", "use_ema")
+
+
 @dataclass
 class EvalCfg:
-    extractor: str = field(default="inception", metadata={"help": "feature extractor for FID"})
+    extractor: str = choice("inception", EXTRACTOR_NAMES, "feature extractor for FID "
+                                                          "(ldm.eval.extractors.EXTRACTORS)")
     inception_weights: Optional[str] = None
     num_samples: int = bounded(1000, min=2)
     batch_size: int = bounded(64, min=1)
@@ -256,6 +271,9 @@ class RunConfig:
         return Path(self.train.run_root) / self.name
 
 
+PIPELINE_STAGES = ("tokenizer", "latents", "generator", "sample", "eval")
+
+
 @dataclass
 class PipelineCfg:
     """`ldm pipeline`: the stages of a whole experiment under <run_root>/<name>/ (tokenizer/, latents/, generator/,
@@ -263,7 +281,7 @@ class PipelineCfg:
 
     name: str = "pipeline"
     run_root: str = "runs"
-    stages: list = listed(["tokenizer", "latents", "generator", "sample", "eval"], "stages to run, in this order")
+    stages: list = listed(list(PIPELINE_STAGES), "stages to run, in this order")
     tokenizer: RunConfig = field(default_factory=lambda: RunConfig(stage="tokenizer"))
     generator: RunConfig = field(default_factory=RunConfig)
     latent_flips: bool = field(default=False, metadata={"help": "cache horizontally flipped latents too"})
@@ -277,10 +295,13 @@ class PipelineCfg:
         return Path(self.run_root) / self.name
 
 
-PIPELINE_STAGES = ("tokenizer", "latents", "generator", "sample", "eval")
-
-
 # ----------------------------------------------------------------------------------------------------------- loading
+def _section_default(f: dataclasses.Field) -> Any:
+    """The default instance of a nested section field (e.g. RunConfig.train -> TrainCfg()), else None."""
+    sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return sub if dataclasses.is_dataclass(sub) else None
+
+
 def _check_keys(node: Any, schema: Any, prefix: str) -> None:  # noqa: C901
     """Reject keys that the schema does not have, suggesting the closest valid one."""
     if not isinstance(node, (dict, DictConfig)) or not dataclasses.is_dataclass(schema):
@@ -296,15 +317,15 @@ def _check_keys(node: Any, schema: Any, prefix: str) -> None:  # noqa: C901
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ConfigError(f"unknown config key {full!r}{hint} Valid keys under {prefix or 'the top level'!r}: "
                               f"{sorted(fields)}")
-        sub = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(sub):
+        sub = _section_default(fields[key])
+        if sub is not None:
             _check_keys(value, sub, f"{full}.")
 
 
 def _all_keys(schema: type, prefix: str):
     for f in dataclasses.fields(schema):
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(sub):
+        sub = _section_default(f)
+        if sub is not None:
             yield from _all_keys(type(sub), f"{prefix}{f.name}.")
         else:
             yield prefix, f.name
@@ -374,12 +395,18 @@ def _field_for(schema: type, dotted: str) -> dataclasses.Field | None:
         if part not in fields:
             return None
         found = fields[part]
-        sub = found.default_factory() if found.default_factory is not dataclasses.MISSING else None
-        node = type(sub) if dataclasses.is_dataclass(sub) else None
+        sub = _section_default(found)
+        node = type(sub) if sub is not None else None
     return found
 
 
 # ----------------------------------------------------------------------------------------------------------- validation
+def _not_allowed(key: str, value: Any, choices: tuple, context: str = "") -> str:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{key}={value!r} is not allowed{context}; expected one of {list(choices)}{hint}"
+
+
 def _validate_fields(obj: Any, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -389,7 +416,7 @@ def _validate_fields(obj: Any, prefix: str) -> None:
             continue
         meta = f.metadata
         if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {list(meta['choices'])}")
+            raise ConfigError(_not_allowed(key, value, meta["choices"]))
         lo, hi = meta.get("min"), meta.get("max")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -405,33 +432,50 @@ def _validate_fields(obj: Any, prefix: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """All checks in one place: per-field choices and ranges, then cross-field facts."""
+    """All checks in one place: per-field choices and ranges, then the cross-field facts of each section.
+
+    A pipeline config is checked as a whole, then each stage's run config; an error there names the stage
+    (`generator.sample.sampler=...`)."""
     if isinstance(cfg, PipelineCfg):
-        _validate_fields(cfg, "")
-        unknown = [s for s in cfg.stages if s not in PIPELINE_STAGES]
-        if unknown:
-            raise ConfigError(f"stages={list(cfg.stages)!r}: {unknown} unknown; expected stages from "
-                              f"{list(PIPELINE_STAGES)}")
-        for key, run in (("tokenizer", cfg.tokenizer), ("generator", cfg.generator)):
-            try:
-                validate(run)
-            except ConfigError as err:
-                raise ConfigError(f"{key}.{err}") from None
+        _validate_pipeline(cfg)
         return
     _validate_fields(cfg, "")
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise ConfigError(f"name={cfg.name!r} must be a non-empty directory name without slashes")
-    t = cfg.train
+    _check_train(cfg.train, cfg.optim)
+    _check_tokenizer(cfg.tokenizer, stage=cfg.stage, image_size=cfg.data.image_size)
+    _check_model(cfg.model)
+    _check_sample(cfg.sample)
+
+
+def _validate_pipeline(cfg: PipelineCfg) -> None:
+    _validate_fields(cfg, "")
+    for key, names, allowed in (("stages", cfg.stages, PIPELINE_STAGES), ("fid_extractors", cfg.fid_extractors,
+                                                                          EXTRACTOR_NAMES)):
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise ConfigError(f"{key}={list(names)!r}: {unknown} unknown; expected names from {list(allowed)}")
+    for key, run in (("tokenizer", cfg.tokenizer), ("generator", cfg.generator)):
+        try:
+            validate(run)
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}") from None
+
+
+def _check_train(t: TrainCfg, optim: OptimCfg) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}")
-    for key, betas in (("optim.betas", cfg.optim.betas), ("optim.disc_betas", cfg.optim.disc_betas)):
+    for key, betas in (("optim.betas", optim.betas), ("optim.disc_betas", optim.disc_betas)):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{key}={list(betas)!r}; expected two numbers in [0, 1)")
-    tok = cfg.tokenizer
+
+
+def _check_tokenizer(tok: TokenizerCfg, *, stage: str, image_size: int) -> None:
+    """Architecture facts (downsampling, attention levels, group norm) and the EQ-VAE scales against the PatchGAN."""
     down = 2 ** (len(tok.block_out_channels) - 1)
-    if cfg.stage == "tokenizer" and tok.pretrained is None and cfg.data.image_size % down:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the tokenizer's downsampling "
+    if stage == "tokenizer" and tok.pretrained is None and image_size % down:
+        raise ConfigError(f"data.image_size={image_size} is not divisible by the tokenizer's downsampling "
                           f"factor {down} (2**(len(tokenizer.block_out_channels)-1)); choose a multiple of {down}")
     n_levels = len(tok.block_out_channels)
     bad_levels = [lv for lv in tok.attn_levels if not isinstance(lv, int) or not 0 <= lv < n_levels]
@@ -444,16 +488,24 @@ def validate(cfg: Any) -> None:
     if tok.eq.scale_num_min > tok.eq.scale_num_max or tok.eq.scale_num_max >= tok.eq.scale_den:
         raise ConfigError(f"tokenizer.eq scales k/{tok.eq.scale_den} for k in [{tok.eq.scale_num_min}, "
                           f"{tok.eq.scale_num_max}] must satisfy scale_num_min <= scale_num_max < scale_den")
-    if cfg.stage == "tokenizer" and tok.disc_weight > 0:  # PatchGAN: n stride-2 convs, then two 4x4 stride-1 convs
+    if stage == "tokenizer" and tok.disc_weight > 0:  # PatchGAN: n stride-2 convs, then two 4x4 stride-1 convs
         disc_min = 3 * 2 ** tok.disc_layers
-        smallest = cfg.data.image_size * tok.eq.scale_num_min // tok.eq.scale_den if tok.eq.enabled \
-            else cfg.data.image_size
+        smallest = image_size * tok.eq.scale_num_min // tok.eq.scale_den if tok.eq.enabled else image_size
         if smallest < disc_min:
             raise ConfigError(f"tokenizer.disc_layers={tok.disc_layers} needs images of at least {disc_min} px, but "
-                              f"the discriminator would see {smallest} px (data.image_size={cfg.data.image_size}"
+                              f"the discriminator would see {smallest} px (data.image_size={image_size}"
                               + (f", EQ-VAE scale {tok.eq.scale_num_min}/{tok.eq.scale_den}" if tok.eq.enabled else "")
                               + "); lower tokenizer.disc_layers, raise the image size or tokenizer.eq.scale_num_min")
-    lo_hi = cfg.sample.interval
+
+
+def _check_model(model: ModelCfg) -> None:
+    """model.preset names a DiT preset; the UNet is sized by its unet_* keys and ignores it."""
+    if model.arch == "dit" and model.preset not in DIT_PRESET_NAMES:
+        raise ConfigError(_not_allowed("model.preset", model.preset, DIT_PRESET_NAMES, " with model.arch=dit"))
+
+
+def _check_sample(sample: SampleCfg) -> None:
+    lo_hi = sample.interval
     if len(lo_hi) != 2 or not (0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0):
         raise ConfigError(f"sample.interval={list(lo_hi)!r}; expected [lo, hi] with 0 <= lo <= hi <= 1")
 
@@ -503,5 +555,6 @@ def as_container(cfg: Any) -> dict:
 
 
 __all__ = ["ConfigError", "RunConfig", "DataCfg", "OptimCfg", "TrainCfg", "TokenizerCfg", "EqCfg", "VaCfg", "VqCfg",
-           "ModelCfg", "DiffusionCfg", "SampleCfg", "EvalCfg", "PipelineCfg", "PIPELINE_STAGES", "load_config", "validate", "save_config", "to_yaml",
-           "config_from_dict", "help_lines", "as_container", "ListConfig"]
+           "ModelCfg", "DiffusionCfg", "SampleCfg", "SAMPLE_NON_IDENTITY_FIELDS", "EvalCfg", "PipelineCfg",
+           "PIPELINE_STAGES", "load_config", "validate", "save_config", "to_yaml", "config_from_dict", "help_lines",
+           "as_container", "ListConfig"]

@@ -1,8 +1,20 @@
 """Config loading and validation: each kind of bad input gets its specific message."""
 
+import dataclasses
+import re
+
 import pytest
 
-from ldm.config import ConfigError, RunConfig, help_lines, load_config
+from ldm.config import (
+    SAMPLE_NON_IDENTITY_FIELDS,
+    ConfigError,
+    PipelineCfg,
+    RunConfig,
+    SampleCfg,
+    help_lines,
+    load_config,
+)
+from ldm.names import DIT_PRESET_NAMES, ENCODER_NAMES, EXTRACTOR_NAMES, SAMPLER_NAMES
 
 
 def test_defaults_and_overrides():
@@ -78,3 +90,67 @@ def test_help_lists_every_key():
     lines = "\n".join(help_lines())
     for key in ("train.max_steps=1000", "tokenizer.eq.p_equivariance=0.5", "sample.cfg_scale=1.0", "data.on_error"):
         assert key in lines
+
+
+def test_name_tuples_equal_their_registries():
+    """ldm/names.py repeats the registries' keys without torch; this keeps the two in step."""
+    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.encoders import ENCODERS
+    from ldm.eval.extractors import EXTRACTORS
+    from ldm.models.dit import DIT_PRESETS
+
+    for names in (SAMPLER_NAMES, DIT_PRESET_NAMES, EXTRACTOR_NAMES, ENCODER_NAMES):
+        assert len(set(names)) == len(names)
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)
+    assert set(DIT_PRESET_NAMES) == set(DIT_PRESETS)
+    assert set(EXTRACTOR_NAMES) == set(EXTRACTORS)
+    assert set(ENCODER_NAMES) == set(ENCODERS) | {"digits"}
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ldm.config; assert 'torch' not in sys.modules, 'ldm.config imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("override, allowed, suggestion", [
+    ("sample.sampler=heunn", SAMPLER_NAMES, "heun"),
+    ("model.preset=DiT-S/3", DIT_PRESET_NAMES, "DiT-S/"),  # any patch of DiT-S is equally close
+    ("eval.extractor=incepton", EXTRACTOR_NAMES, "inception"),
+    ("tokenizer.va.encoder=dinov2_vitl41", ENCODER_NAMES, "dinov2_vitl14"),
+    ("diffusion.repa_encoder=dinov_vitb14", ENCODER_NAMES, "dinov2_vitb14"),
+    ("tokenizer.kind=kll", ("kl", "vq"), "kl"),
+])
+def test_registered_name_typo_fails_at_load(override, allowed, suggestion):
+    key, value = override.split("=")
+    message = f"{key}={value!r} is not allowed" + r"[^;]*; expected one of " + re.escape(str(list(allowed)))
+    with pytest.raises(ConfigError, match=message + re.escape(f"; did you mean '{suggestion}")):
+        load_config(None, [override])
+
+
+def test_unet_has_no_preset():
+    cfg = load_config(None, ["model.arch=unet", "model.preset=none"])
+    assert cfg.model.preset == "none"
+
+
+def test_pipeline_checks_names_of_both_stages():
+    with pytest.raises(ConfigError, match=r"^generator\.sample\.sampler='heunn' is not allowed"):
+        load_config(None, ["generator.sample.sampler=heunn"], schema=PipelineCfg)
+    with pytest.raises(ConfigError, match=r"^tokenizer\.eval\.extractor='incepton' is not allowed"):
+        load_config(None, ["tokenizer.eval.extractor=incepton"], schema=PipelineCfg)
+    with pytest.raises(ConfigError, match=r"^generator\.model\.preset='DiT-S/3' is not allowed"):
+        load_config(None, ["generator.model.preset=DiT-S/3"], schema=PipelineCfg)
+    with pytest.raises(ConfigError, match=r"fid_extractors=\['incepton'\]: \['incepton'\] unknown; expected names "
+                                          r"from \['inception', 'dinov2', 'digits'\]"):
+        load_config(None, ["fid_extractors=[incepton]"], schema=PipelineCfg)
+
+
+def test_sample_identity_fields():
+    """The sample-folder identity is SampleCfg minus SAMPLE_NON_IDENTITY_FIELDS: exactly the SampleCfg keys that
+    ldm.eval.generate.sample_identity recorded by hand before, so sample folders written then stay valid."""
+    fields = [f.name for f in dataclasses.fields(SampleCfg)]
+    assert set(SAMPLE_NON_IDENTITY_FIELDS) <= set(fields)
+    identity = {name for name in fields if name not in SAMPLE_NON_IDENTITY_FIELDS}
+    assert identity == {"sampler", "steps", "cfg_scale", "interval", "cfg_channels", "time_grid", "shift", "eta"}

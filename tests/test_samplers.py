@@ -1,13 +1,17 @@
 """Samplers on data whose exact denoiser is closed form (Gaussian, 2-component Gaussian mixture), convergence orders,
 and parity with diffusers' DDPM / DDIM / DPM-Solver++ schedulers driven by the same model and timesteps."""
+import dataclasses
+import inspect
 import math
 import sys
 
 import pytest
 import torch
 
-from ldm.diffusion.paths import get_path
+from ldm.config import SampleCfg
+from ldm.diffusion.paths import DiscretePath, get_path
 from ldm.diffusion.samplers import (
+    SAMPLER_OPTIONS,
     SAMPLERS,
     get_sampler,
     make_denoiser,
@@ -20,6 +24,8 @@ from ldm.diffusion.samplers import (
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
+    sampler_options,
+    sampler_times,
     time_grid,
 )
 
@@ -375,3 +381,35 @@ def test_bad_input():
     with pytest.raises(ValueError, match="diffusion_form"):
         sample_euler_maruyama(den, _noise(2), time_grid(3), path=path, diffusion_form="cosine")
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpm_solver++", "euler", "heun", "dopri5", "euler_maruyama"}
+
+
+def _old_sampler_kwargs(sampler, sample_cfg, learned_sigma):
+    """eval/generate.py's sampler_kwargs before the option table: the options filtered by the sampler's signature."""
+    params = inspect.signature(sampler).parameters
+    options = {"eta": sample_cfg.eta, "variance": "learned_range" if learned_sigma else None}
+    return {k: v for k, v in options.items() if k in params and v is not None}
+
+
+def _old_sampler_times(sample_cfg, path):
+    """eval/generate.py's sampler_times before it moved to diffusion/samplers.py."""
+    if isinstance(path, DiscretePath):
+        return time_grid(sample_cfg.steps, "respaced", num_timesteps=path.num_timesteps)
+    if sample_cfg.sampler == "euler_maruyama" and sample_cfg.time_grid == "uniform" and sample_cfg.steps >= 2:
+        return time_grid(sample_cfg.steps, "sde")
+    return time_grid(sample_cfg.steps, sample_cfg.time_grid, path=path, shift=sample_cfg.shift)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_options_and_times_match_the_signature_filter(name):
+    assert set(SAMPLER_OPTIONS) == set(SAMPLERS)
+    for learned_sigma in (False, True):
+        for eta in (0.0, 0.7):
+            cfg = SampleCfg(sampler=name, eta=eta)
+            assert sampler_options(cfg, learned_sigma) == _old_sampler_kwargs(SAMPLERS[name], cfg, learned_sigma)
+    for pname in ("linear", "gvp", "ddpm_linear", "ddpm_cosine"):
+        for grid, steps, shift in (("uniform", 1, 1.0), ("uniform", 6, 1.0), ("karras", 5, 1.0), ("shifted", 4, 3.0)):
+            cfg = SampleCfg(sampler=name, steps=steps, time_grid=grid, shift=shift)
+            new, old = sampler_times(cfg, get_path(pname)), _old_sampler_times(cfg, get_path(pname))
+            assert new.dtype == old.dtype and torch.equal(new, old)
+    with pytest.raises(ValueError, match="sampler='plms'"):
+        sampler_options(dataclasses.replace(SampleCfg(), sampler="plms"), False)

@@ -29,16 +29,22 @@ Samplers (SAMPLERS) and their update equations:
   euler_maruyama  SiT's reverse SDE dx = [u - w(t) score] dt + sqrt(2 w(t)) dW (willisma/SiT transport/transport.py
                   sample_sde, integrators.py sde; REPA samplers.py euler_maruyama_sampler), with SiT's diffusion forms and
                   its final deterministic "Mean" step over the last interval of ts.
+
+From a sample config (ldm.config.SampleCfg): sampler_times gives the time grid, and sampler_options the keyword options
+of SAMPLER_OPTIONS, the table of which config fields each sampler reads.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.paths import Path, check_prediction, shift_time, x0_eps_from_prediction
+from ldm.diffusion.paths import DiscretePath, Path, check_prediction, shift_time, x0_eps_from_prediction
+
+if TYPE_CHECKING:
+    from ldm.config import SampleCfg
 
 
 class Denoised(NamedTuple):
@@ -447,3 +453,42 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r}; expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+# --- from a sample config ---------------------------------------------------------------------------------------------
+# Which SampleCfg fields each sampler reads, besides steps / time_grid / shift (sampler_times) and the guidance fields
+# (guidance.py). Options not listed keep the sampler's defaults: dpm_solver++ order 2, dopri5 SiT's atol / rtol,
+# euler_maruyama SiT's "sigma" diffusion and "mean" last step. A new sampler option is read here and nowhere else.
+SampleOptions = Callable[["SampleCfg", bool], dict]
+
+
+def _no_options(sample_cfg: SampleCfg, learned_sigma: bool) -> dict:
+    return {}
+
+
+SAMPLER_OPTIONS: dict[str, SampleOptions] = {
+    # a network that learns its variance (DiT learn_sigma) samples with it; otherwise DDPM's fixed_small
+    "ddpm": lambda sample_cfg, learned_sigma: {"variance": "learned_range"} if learned_sigma else {},
+    "ddim": lambda sample_cfg, learned_sigma: {"eta": sample_cfg.eta},
+    "dpm_solver++": _no_options,
+    "euler": _no_options,
+    "heun": _no_options,
+    "dopri5": _no_options,
+    "euler_maruyama": _no_options,
+}
+
+
+def sampler_options(sample_cfg: SampleCfg, learned_sigma: bool) -> dict:
+    """Keyword options for SAMPLERS[sample_cfg.sampler], read from the sample config as SAMPLER_OPTIONS says."""
+    get_sampler(sample_cfg.sampler)  # an unknown name fails with the list of samplers
+    return SAMPLER_OPTIONS[sample_cfg.sampler](sample_cfg, learned_sigma)
+
+
+def sampler_times(sample_cfg: SampleCfg, path: Path) -> Tensor:
+    """The time grid for `sample_cfg` (steps, time_grid, shift); DDPM paths use DiT's respacing of their T steps and
+    the Euler-Maruyama SDE uses SiT/REPA's grid (uniform from 1 to 0.04, then a final mean step to 0)."""
+    if isinstance(path, DiscretePath):
+        return time_grid(sample_cfg.steps, "respaced", num_timesteps=path.num_timesteps)
+    if sample_cfg.sampler == "euler_maruyama" and sample_cfg.time_grid == "uniform" and sample_cfg.steps >= 2:
+        return time_grid(sample_cfg.steps, "sde")
+    return time_grid(sample_cfg.steps, sample_cfg.time_grid, path=path, shift=sample_cfg.shift)
