@@ -1,0 +1,40 @@
+"""The newcomer configs under configs/tokenizer/tiny_f4.yaml and configs/generator/ run as shipped on the embedded
+digits (two steps each here; only the budget, batch and output folder are overridden)."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from ldm.config import load_config
+
+GENERATOR_CONFIGS = sorted((REPO / "configs" / "generator").glob("*.yaml"))
+SHORT = ["train.max_steps=2", "train.batch_size=16", "train.ckpt_every=1000", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory) -> Path:
+    from ldm.train.loop import fit
+
+    root = tmp_path_factory.mktemp("configs")
+    cfg = load_config(REPO / "configs" / "tokenizer" / "tiny_f4.yaml",
+                      [f"train.run_root={root}", "tokenizer.stats_num_images=64", *SHORT])
+    return fit(cfg, progress=False).run_dir
+
+
+def test_the_generator_configs_named_by_the_help_exist():
+    assert (REPO / "configs" / "generator" / "dit_s2.yaml").is_file()
+    assert len(GENERATOR_CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", GENERATOR_CONFIGS, ids=lambda p: p.stem)
+def test_generator_config_trains_on_the_digits(path, tokenizer_run):
+    from ldm.train.loop import fit
+
+    cfg = load_config(path)
+    assert cfg.stage == "generator" and cfg.data.source == "digits"
+    assert cfg.tokenizer.checkpoint == "runs/tiny_f4"  # what `ldm train configs/tokenizer/tiny_f4.yaml` writes
+    cfg = load_config(path, [f"train.run_root={tokenizer_run.parent}", f"tokenizer.checkpoint={tokenizer_run}",
+                             *SHORT])
+    result = fit(cfg, progress=False)
+    assert result.step == 2 and (result.run_dir / "samples").is_dir()
