@@ -9,15 +9,22 @@ in one place, plus the cross-field facts, and raises `ConfigError` naming the ke
 Names that pick a registered implementation (sampler, DiT preset, FID extractor, vision encoder, tokenizer kind) are
 checked against the torch-free tuples of ldm/names.py, so a typo fails here rather than at the first sample grid.
 Unknown keys are rejected with the closest valid key ("did you mean ...").
+
+Resuming: `resume_changes` compares a resuming run's config with the one stored in its checkpoint. Keys of
+`RESUME_MAY_CHANGE` (how long, how fast from now on, what to write and where) may differ; any other difference changes
+the experiment and is refused, one `key: old -> new` line each (`format_refusal`), unless the user names the key in
+train.allow_changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,210 +36,363 @@ class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message names it and says what is allowed."""
 
 
-def choice(default: Any, choices: tuple, help: str = "") -> Any:
+def choice(default: Any, choices: tuple, help: str) -> Any:
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
 def bounded(default: Any, *, min: float | None = None, max: float | None = None, min_exclusive: bool = False,
-            help: str = "") -> Any:
+            help: str) -> Any:
     return field(default=default, metadata={"min": min, "max": max, "min_exclusive": min_exclusive, "help": help})
 
 
-def listed(default: list, help: str = "") -> Any:
+def listed(default: list, help: str) -> Any:
     return field(default_factory=lambda: list(default), metadata={"help": help})
 
 
 # ----------------------------------------------------------------------------------------------------------- sections
+# Every field carries a help text (what it is, its unit, what its values mean, its source where it follows a paper or
+# a peer); `ldm train --help` prints them and tests/test_config.py checks that none is empty.
 @dataclass
 class DataCfg:
-    source: str = field(default="digits", metadata={"help": "'digits' (embedded sklearn 8x8 digits) or a path: image "
-                                                            "folder (class sub-folders = labels), .zip/.tar, .npz"})
-    image_size: int = bounded(32, min=8, help="side of the square training images in pixels")
+    source: str = field(default="digits", metadata={"help": "'digits' (scikit-learn's 1,797 8x8 handwritten digits, "
+                                                            "10 classes, upsampled bicubically) or a path: an image "
+                                                            "folder (searched recursively; sub-folders of the root = "
+                                                            "classes), a .zip/.tar(.gz) archive (same rules) or an ADM "
+                                                            ".npz (arr_0 uint8 NHWC images, optional arr_1 labels)"})
+    image_size: int = bounded(32, min=8, help="side of the square training images in pixels; the generator's latent "
+                                              "side is image_size / the tokenizer's downsampling factor")
     crop: str = choice("center", ("center", "random", "resize"),
-                       "center: ADM centre crop + resize; random: random crops of image_size (many per large image); "
-                       "resize: plain resize to image_size")
-    crops_per_image: int = bounded(1, min=1, help="random crops drawn per image per epoch (crop=random)")
-    hflip: bool = field(default=False, metadata={"help": "random horizontal flip with p=0.5"})
-    on_error: str = choice("skip", ("skip", "raise"), "bad image files: skip with a counted warning, or raise")
-    min_size: int = bounded(8, min=1, help="images whose shorter side is below this are treated as bad files")
-    num_workers: int = bounded(0, min=0, help="DataLoader worker processes")
-    class_cond: bool = field(default=True, metadata={"help": "use labels (class folders / npz arr_1 / digits)"})
-    latents: Optional[str] = field(default=None, metadata={"help": "latent cache directory (generator stage); "
-                                                                   "when unset latents are encoded on the fly"})
+                       "center: ADM centre crop (box-halve, bicubic resize of the shorter side, centre square); "
+                       "random: a uniformly placed image_size square (smaller images upscaled first); resize: bicubic "
+                       "resize to a square (aspect ratio not kept). A latent cache takes center or resize")
+    crops_per_image: int = bounded(1, min=1, help="crop=random only: items per image per epoch, each its own random "
+                                                  "crop (an epoch is this many times longer)")
+    hflip: bool = field(default=False, metadata={"help": "random horizontal flip with p = 0.5, drawn from the item's "
+                                                         "seed (a resumed run repeats it); a latent cache built from "
+                                                         "this config also stores flipped latents"})
+    on_error: str = choice("skip", ("skip", "raise"), "undecodable, truncated, zero-byte or too-small image files: "
+                                                      "skip (the next good image takes the place, with a counted "
+                                                      "warning) or raise naming the file")
+    min_size: int = bounded(8, min=1, help="minimum shorter side in pixels; smaller images are bad files "
+                                           "(data.on_error)")
+    num_workers: int = bounded(0, min=0, help="DataLoader worker processes (0 = load in the training process); "
+                                              "batches do not depend on it")
+    class_cond: bool = field(default=True, metadata={"help": "class-conditional generator: labels from class "
+                                                             "sub-folders / npz arr_1 / digits (a source without "
+                                                             "labels trains unconditionally; the tokenizer ignores "
+                                                             "labels)"})
+    latents: Optional[str] = field(default=None, metadata={"help": "generator stage: a latent cache directory "
+                                                                   "written by `ldm cache-latents` (its tokenizer "
+                                                                   "fingerprint must match; flipped latents are used "
+                                                                   "when stored); null = encode images on the fly"})
 
 
 @dataclass
 class OptimCfg:
-    name: str = choice("adamw", ("adam", "adamw"), "optimizer")
-    lr: float = bounded(1e-4, min=0.0, min_exclusive=True, help="peak learning rate")
-    betas: list = listed([0.9, 0.999], "Adam betas")
-    weight_decay: float = bounded(0.0, min=0.0)
-    eps: float = bounded(1e-8, min=0.0, min_exclusive=True)
-    warmup_steps: int = bounded(0, min=0, help="linear lr warm-up from 0")
-    schedule: str = choice("constant", ("constant", "cosine", "linear"), "lr schedule after warm-up")
-    min_lr_ratio: float = bounded(0.0, min=0.0, max=1.0, help="final lr / peak lr for cosine and linear decay")
-    grad_clip: float = bounded(1.0, min=0.0, help="max global grad norm (0 = no clipping)")
-    disc_lr: Optional[float] = field(default=None, metadata={"help": "discriminator lr (tokenizer); default = lr"})
-    disc_betas: list = listed([0.5, 0.9], "discriminator Adam betas (tokenizer)")
+    name: str = choice("adamw", ("adam", "adamw"), "optimizer: adamw (decoupled weight decay, Loshchilov & Hutter "
+                                                   "2019) or adam (weight decay added to the gradient as L2)")
+    lr: float = bounded(1e-4, min=0.0, min_exclusive=True, help="peak learning rate, times the warm-up / schedule "
+                                                                "factor (the tokenizer's discriminator: optim.disc_lr "
+                                                                "when set)")
+    betas: list = listed([0.9, 0.999], "Adam (beta1, beta2): decay rates of the gradient's first and second moment "
+                                       "estimates")
+    weight_decay: float = bounded(0.0, min=0.0, help="weight decay coefficient, applied to every trained parameter "
+                                                     "(0 = none)")
+    eps: float = bounded(1e-8, min=0.0, min_exclusive=True, help="Adam epsilon added to sqrt(v_hat) in the update's "
+                                                                 "denominator")
+    warmup_steps: int = bounded(0, min=0, help="optimizer steps of linear lr warm-up: factor (step + 1) / "
+                                               "warmup_steps, then the schedule (0 = none)")
+    schedule: str = choice("constant", ("constant", "cosine", "linear"),
+                           "lr factor after warm-up, p = fraction of (train.max_steps - warmup_steps) done: constant "
+                           "1; cosine min_lr_ratio + (1 - min_lr_ratio)(1 + cos(pi p)) / 2; linear 1 - (1 - "
+                           "min_lr_ratio) p")
+    min_lr_ratio: float = bounded(0.0, min=0.0, max=1.0, help="lr at train.max_steps / peak lr, for the cosine and "
+                                                              "linear schedules")
+    grad_clip: float = bounded(1.0, min=0.0, help="maximum global L2 norm of each optimizer's gradients (per phase); "
+                                                  "0 = no clipping (the norm is logged either way)")
+    disc_lr: Optional[float] = field(default=None, metadata={"help": "tokenizer: learning rate of the discriminator "
+                                                                     "optimizer; null = optim.lr"})
+    disc_betas: list = listed([0.5, 0.9], "tokenizer: Adam betas of the discriminator optimizer (taming/LDM: 0.5, 0.9)")
 
 
 @dataclass
 class TrainCfg:
-    batch_size: int = bounded(32, min=1, help="global batch size (all processes, all accumulation steps)")
-    grad_accum_steps: int = bounded(1, min=1)
-    max_steps: int = bounded(1000, min=1, help="optimizer steps")
-    max_epochs: Optional[int] = field(default=None, metadata={"help": "stop after this many epochs too"})
-    mixed_precision: str = choice("auto", ("auto", "no", "bf16", "fp16"), "auto: bf16 on CUDA, fp32 on CPU")
-    ema: bool = field(default=True, metadata={"help": "keep an EMA copy of the model"})
-    ema_decay: float = bounded(0.9999, min=0.0, max=1.0)
-    ema_warmup_steps: int = bounded(0, min=0, help="decay ramps as min(decay, (1+s)/(10+s)) for s < this")
-    log_every: int = bounded(10, min=1)
-    ckpt_every: int = bounded(500, min=1)
-    keep_last: int = bounded(3, min=1, help="checkpoints kept on disk")
-    sample_every: int = bounded(0, min=0, help="write a sample / reconstruction grid every N steps (0 = end only)")
-    eval_every: int = bounded(0, min=0, help="periodic evaluation every N steps (0 = off)")
-    resume: str = field(default="auto", metadata={"help": "auto: continue from runs/<name>/latest if present; never: "
-                                                          "refuse to reuse a run directory with checkpoints; or a path"})
-    max_nan_skips: int = bounded(0, min=0, help="non-finite losses/grads skipped before the run stops")
-    deterministic: bool = False
-    compile: bool = False
+    batch_size: int = bounded(32, min=1, help="global batch size in samples per optimizer step, summed over "
+                                              "processes and accumulation micro-batches; must be divisible by "
+                                              "processes x grad_accum_steps")
+    grad_accum_steps: int = bounded(1, min=1, help="micro-batches accumulated per optimizer step (each holds "
+                                                   "batch_size / (processes x grad_accum_steps) samples)")
+    max_steps: int = bounded(1000, min=1, help="train until this many optimizer steps in total (a resumed run "
+                                               "continues to it); also where the lr schedule ends")
+    max_epochs: Optional[int] = field(default=None, metadata={"help": "also stop after this many passes over the "
+                                                                      "dataset; null = max_steps alone"})
+    mixed_precision: str = choice("auto", ("auto", "no", "bf16", "fp16"), "autocast precision (accelerate): auto = "
+                                                                          "bf16 on CUDA, fp32 on CPU; no = fp32; fp16 "
+                                                                          "adds a gradient scaler")
+    ema: bool = field(default=True, metadata={"help": "keep an exponential moving average of the trained network "
+                                                      "(autoencoder or generator; not the discriminator or "
+                                                      "projectors); grids, periodic FID, sampling and exports use it"})
+    ema_decay: float = bounded(0.9999, min=0.0, max=1.0, help="EMA decay d per optimizer step: e <- d e + (1 - d) w "
+                                                              "(DiT: 0.9999)")
+    ema_warmup_steps: int = bounded(0, min=0, help="for steps s below this the decay is min(ema_decay, (1 + s) / "
+                                                   "(10 + s)) (TF ExponentialMovingAverage num_updates); 0 = "
+                                                   "ema_decay throughout")
+    log_every: int = bounded(10, min=1, help="optimizer steps between metric logs (TensorBoard, metrics.jsonl, "
+                                             "progress bar); losses are averaged over the steps since the last log")
+    ckpt_every: int = bounded(500, min=1, help="optimizer steps between checkpoints (one is also written at the end "
+                                               "and on preemption)")
+    keep_last: int = bounded(3, min=1, help="newest checkpoints kept on disk; older ones are deleted after each save")
+    sample_every: int = bounded(0, min=0, help="optimizer steps between sample grids (generator) or reconstruction "
+                                               "grids (tokenizer) in samples/ and TensorBoard; 0 = at the end only")
+    eval_every: int = bounded(0, min=0, help="optimizer steps between periodic evaluations (generator: FID of "
+                                             "eval.num_samples EMA samples, see eval.*; the tokenizer has none); "
+                                             "0 = off")
+    resume: str = field(default="auto", metadata={"help": "auto: continue from <run_root>/<name>/latest if present; "
+                                                          "never: refuse to reuse a run directory that holds "
+                                                          "checkpoints; or a run / checkpoint directory to start from"})
+    max_nan_skips: int = bounded(0, min=0, help="steps with a non-finite loss or gradient norm skipped (the step is "
+                                                "retried on the next batch) before the run stops; 0 = stop at the "
+                                                "first")
+    deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms on, TF32 off: "
+                                                                 "reproducible kernels for tests and bisection "
+                                                                 "(slower)"})
+    compile: bool = field(default=False, metadata={"help": "reserved for torch.compile of the DiT blocks: no code "
+                                                           "reads this key yet (DiT(use_compile=True) is the switch)"})
     run_root: str = field(default="runs", metadata={"help": "runs are written to <run_root>/<name>/"})
+    allow_changes: list[str] = listed([], "config keys (or patterns such as model.*) that may differ from the "
+                                          "checkpoint's config when resuming although they change the experiment "
+                                          "(see ldm.config.RESUME_MAY_CHANGE for those that always may)")
 
 
 @dataclass
 class EqCfg:
-    enabled: bool = False
-    p_equivariance: float = bounded(0.5, min=0.0, max=1.0, help="probability of the equivariance mode per batch")
-    p_prior_scale: float = bounded(0.25, min=0.0, max=1.0, help="in prior mode: probability of downscaled input")
-    scale_num_min: int = bounded(8, min=1, help="scales s = k/scale_den for k in [scale_num_min, scale_num_max]")
-    scale_num_max: int = bounded(31, min=1)
-    scale_den: int = bounded(32, min=1)
-    anisotropic: bool = False
-    rotate: bool = True
+    enabled: bool = field(default=False, metadata={"help": "EQ-VAE (Kouzelis et al. 2025, arXiv:2502.09509): decode "
+                                                           "scaled / rotated latents against the image transformed "
+                                                           "the same way"})
+    p_equivariance: float = bounded(0.5, min=0.0, max=1.0, help="probability per batch of the equivariance mode "
+                                                                "(reference p_prior = 0.5)")
+    p_prior_scale: float = bounded(0.25, min=0.0, max=1.0, help="otherwise (prior-preservation mode): probability of "
+                                                                "reconstructing a downscaled input rather than the "
+                                                                "plain image (reference 0.25)")
+    scale_num_min: int = bounded(8, min=1, help="scales s = k / scale_den for k = scale_num_min .. scale_num_max "
+                                                "(reference 8/32 .. 31/32)")
+    scale_num_max: int = bounded(31, min=1, help="largest numerator k of the scale set (< scale_den)")
+    scale_den: int = bounded(32, min=1, help="denominator of the scale set")
+    anisotropic: bool = field(default=False, metadata={"help": "draw the x and y scales independently (false: one "
+                                                               "scale for both axes)"})
+    rotate: bool = field(default=True, metadata={"help": "equivariance mode also rotates latent and image by k x 90 "
+                                                         "degrees, k uniform in {1, 2, 3}"})
 
 
 @dataclass
 class VaCfg:
-    enabled: bool = False
+    enabled: bool = field(default=False, metadata={"help": "VA-VAE (Yao et al. 2025, arXiv:2501.01423 Sec. 3.2): the "
+                                                           "VF loss between a 1x1 projection of the latent and a "
+                                                           "frozen vision encoder's features"})
     encoder: str = choice("dinov2_vitl14", ENCODER_NAMES, "frozen vision encoder: a name of ldm.encoders.ENCODERS "
                                                           "(local weights) or digits (shipped, offline)")
-    weights: Optional[str] = None
-    vf_weight: float = bounded(0.1, min=0.0)
-    margin_cos: float = bounded(0.5, min=0.0, max=2.0)
-    margin_dist: float = bounded(0.25, min=0.0, max=2.0)
-    distmat_weight: float = bounded(1.0, min=0.0)
-    cos_weight: float = bounded(1.0, min=0.0)
-    adaptive: bool = True
+    weights: Optional[str] = field(default=None, metadata={"help": "weights file of the encoder; null = torch hub's "
+                                                                   "cache, then timm's files in the Hugging Face cache "
+                                                                   "(digits: the shipped classifier)"})
+    vf_weight: float = bounded(0.1, min=0.0, help="weight of the VF loss, times the adaptive weight when adaptive")
+    margin_cos: float = bounded(0.5, min=0.0, max=2.0, help="m1 of the marginal cosine loss (Eq. 2): relu(1 - m1 - "
+                                                            "cos) per position (released model: 0.5)")
+    margin_dist: float = bounded(0.25, min=0.0, max=2.0, help="m2 of the marginal distance-matrix loss (Eq. 3): "
+                                                              "relu(|cos diff| - m2) per pair (released model: 0.25)")
+    distmat_weight: float = bounded(1.0, min=0.0, help="weight of the distance-matrix term within the VF loss")
+    cos_weight: float = bounded(1.0, min=0.0, help="weight of the cosine term within the VF loss")
+    adaptive: bool = field(default=True, metadata={"help": "scale the VF loss by ||grad L_rec|| / ||grad L_vf|| at "
+                                                           "the encoder's last conv (Eq. 4, clamped to [0, 1e8]); "
+                                                           "false: vf_weight alone"})
 
 
 @dataclass
 class VqCfg:
-    codebook_size: int = bounded(1024, min=1)
-    code_dim: int = bounded(8, min=1)
-    beta: float = bounded(0.25, min=0.0)
-    l2_norm: bool = True
-    ema: bool = False
-    ema_decay: float = bounded(0.99, min=0.0, max=1.0)
-    dead_code_threshold: float = bounded(0.0, min=0.0, help="restart codes used fewer times than this per step window")
-    entropy_weight: float = bounded(0.0, min=0.0)
-    entropy_temperature: float = bounded(0.01, min=0.0, min_exclusive=True, help="softmax temperature of the entropy loss")
+    codebook_size: int = bounded(1024, min=1, help="number K of code vectors")
+    code_dim: int = bounded(8, min=1, help="dimension of each code = the latent channels a VQ tokenizer gives the "
+                                           "generator (LlamaGen: 8)")
+    beta: float = bounded(0.25, min=0.0, help="commitment weight of VQ-VAE Eq. 3 (van den Oord et al. 2017: 0.25)")
+    l2_norm: bool = field(default=True, metadata={"help": "l2-normalise latents and codes, so the nearest code is the "
+                                                          "most cosine-similar (Yu et al. 2022; LlamaGen)"})
+    ema: bool = field(default=False, metadata={"help": "update the codebook by moving averages of its assigned "
+                                                       "latents (VQ-VAE App. A.1) instead of the codebook loss"})
+    ema_decay: float = bounded(0.99, min=0.0, max=1.0, help="decay of the EMA codebook statistics (vq.ema) and of "
+                                                            "the per-code usage counts that dead-code restarts read")
+    dead_code_threshold: float = bounded(0.0, min=0.0, help="restart a code whose moving-average usage (assignments "
+                                                            "per step) falls below this with a random encoder output "
+                                                            "of the batch (Jukebox); 0 = never")
+    entropy_weight: float = bounded(0.0, min=0.0, help="weight of LlamaGen's entropy loss (mean per-sample code "
+                                                       "entropy minus the entropy of the batch-mean code "
+                                                       "distribution); 0 = off")
+    entropy_temperature: float = bounded(0.01, min=0.0, min_exclusive=True,
+                                         help="softmax temperature over -distances in the entropy loss (LlamaGen: "
+                                              "0.01)")
 
 
 @dataclass
 class TokenizerCfg:
-    kind: str = choice("kl", TOKENIZER_KINDS, "KL autoencoder (diffusers AutoencoderKL) or VQ autoencoder")
-    pretrained: Optional[str] = field(default=None, metadata={"help": "diffusers AutoencoderKL folder to fine-tune "
-                                                                      "or use frozen (generator stage)"})
-    checkpoint: Optional[str] = field(default=None, metadata={"help": "ldm tokenizer run directory or export folder "
-                                                                      "(generator stage)"})
+    kind: str = choice("kl", TOKENIZER_KINDS, "kl: KL autoencoder (a diffusers AutoencoderKL); vq: VQ autoencoder "
+                                              "(diffusers Encoder / Decoder around a vector quantizer)")
+    pretrained: Optional[str] = field(default=None, metadata={"help": "tokenizer stage: initial weights (and "
+                                                                      "architecture) from a diffusers AutoencoderKL "
+                                                                      "folder or an ldm tokenizer run; generator "
+                                                                      "stage: the frozen tokenizer when "
+                                                                      "tokenizer.checkpoint is unset"})
+    checkpoint: Optional[str] = field(default=None, metadata={"help": "generator stage: the frozen tokenizer, an ldm "
+                                                                      "tokenizer run / checkpoint directory or export "
+                                                                      "folder; its fingerprint is recorded in every "
+                                                                      "generator checkpoint"})
     latent_channels: int = bounded(4, min=1, help="KL: latent channels; VQ: encoder output channels before the 1x1 "
                                                   "projection to vq.code_dim")
-    block_out_channels: list = listed([32, 64], "encoder/decoder widths; downsampling = 2**(len-1)")
-    layers_per_block: int = bounded(1, min=1)
-    norm_num_groups: int = bounded(32, min=1)
-    mid_block_attention: bool = True
+    block_out_channels: list = listed([32, 64], "encoder widths per level, full resolution first (the decoder "
+                                                "mirrors them); downsampling factor = 2**(len-1)")
+    layers_per_block: int = bounded(1, min=1, help="ResNet blocks per encoder level (diffusers' decoder has one more "
+                                                   "per level)")
+    norm_num_groups: int = bounded(32, min=1, help="GroupNorm groups in encoder and decoder; every width must be "
+                                                   "divisible by it")
+    mid_block_attention: bool = field(default=True, metadata={"help": "self-attention in the middle block of encoder "
+                                                                      "and decoder (SD-VAE has it)"})
     use_quant_conv: bool = field(default=True, metadata={"help": "KL: 1x1 convs around the latent (SD-VAE has them, "
                                                                  "FLUX's VAE does not)"})
     attn_levels: list = listed([], "encoder levels (0 = full resolution) whose blocks add self-attention; the decoder "
                                    "mirrors them (LDM attn_resolutions [16] at 256 px with 5 levels = [4])")
     learn_logvar: bool = field(default=False, metadata={"help": "train the NLL log-variance (LDM registers it as a "
                                                                 "parameter but never optimises it: False matches)"})
-    rec_loss: str = choice("l1", ("l1", "l2"))
-    perceptual_weight: float = bounded(1.0, min=0.0, help="LPIPS weight (0 = off)")
-    lpips_weights: Optional[str] = field(default=None, metadata={"help": "VGG16 backbone weights file for LPIPS"})
-    lpips_random_backbone: bool = field(default=False, metadata={"help": "TESTS/SMOKE RUNS ONLY: random VGG"})
-    kl_weight: float = bounded(1e-6, min=0.0)
-    logvar_init: float = 0.0
-    disc_start: int = bounded(0, min=0, help="step at which the GAN loss switches on")
-    disc_weight: float = bounded(0.5, min=0.0)
+    rec_loss: str = choice("l1", ("l1", "l2"), "pixel reconstruction loss: l1 = |x - x_rec| (taming/LDM), "
+                                               "l2 = (x - x_rec)^2")
+    perceptual_weight: float = bounded(1.0, min=0.0, help="weight of the LPIPS-VGG distance added to the pixel loss "
+                                                          "(0 = off: no VGG weights needed)")
+    lpips_weights: Optional[str] = field(default=None, metadata={"help": "torchvision vgg16 state-dict file "
+                                                                         "(vgg16-397923af.pth) for LPIPS; null = "
+                                                                         "<torch hub dir>/checkpoints/"})
+    lpips_random_backbone: bool = field(default=False, metadata={"help": "TESTS/SMOKE RUNS ONLY: LPIPS on a random "
+                                                                         "VGG (values meaningless, no file needed)"})
+    kl_weight: float = bounded(1e-6, min=0.0, help="KL tokenizer: weight of KL(q(z|x) || N(0, I)), summed over latent "
+                                                   "elements (LDM kl-f8: 1e-6)")
+    logvar_init: float = field(default=0.0, metadata={"help": "KL tokenizer: initial scalar log-variance of the LDM "
+                                                              "NLL, rec / exp(logvar) + logvar (fixed unless "
+                                                              "learn_logvar)"})
+    disc_start: int = bounded(0, min=0, help="optimizer step from which the GAN losses (generator term and "
+                                             "discriminator) are on")
+    disc_weight: float = bounded(0.5, min=0.0, help="weight of the GAN term in the autoencoder loss, times the "
+                                                    "adaptive weight when disc_adaptive (0 = no GAN term; the "
+                                                    "discriminator still trains)")
     disc_adaptive: bool = field(default=True, metadata={"help": "scale the GAN loss by the adaptive weight of Esser "
                                                                 "et al. 2021 Eq. 7 (else by disc_weight alone)"})
-    disc_loss: str = choice("hinge", ("hinge", "non_saturating"))
-    disc_layers: int = bounded(3, min=1)
-    disc_filters: int = bounded(64, min=1)
-    disc_norm: str = choice("batch", ("batch", "act"))
-    eq: EqCfg = field(default_factory=EqCfg)
-    va: VaCfg = field(default_factory=VaCfg)
-    vq: VqCfg = field(default_factory=VqCfg)
-    stats_num_images: int = bounded(1024, min=1, help="images used for the latent mean/std after training")
+    disc_loss: str = choice("hinge", ("hinge", "non_saturating"), "GAN loss: hinge (taming/LDM) or non_saturating "
+                                                                  "(Goodfellow et al. 2014, softplus form)")
+    disc_layers: int = bounded(3, min=1, help="stride-2 convolutions of the PatchGAN discriminator (taming n_layers); "
+                                              "images must be at least 3 * 2**disc_layers px")
+    disc_filters: int = bounded(64, min=1, help="channels of the discriminator's first conv (doubled per layer, at "
+                                                "most 8x)")
+    disc_norm: str = choice("batch", ("batch", "act"), "discriminator normalisation: BatchNorm (taming default) or "
+                                                       "ActNorm (initialised from the first batch)")
+    eq: EqCfg = field(default_factory=EqCfg, metadata={"help": "EQ-VAE regulariser"})
+    va: VaCfg = field(default_factory=VaCfg, metadata={"help": "VA-VAE regulariser"})
+    vq: VqCfg = field(default_factory=VqCfg, metadata={"help": "vector quantizer (kind=vq)"})
+    stats_num_images: int = bounded(1024, min=1, help="the first N images of data.source give the latent per-channel "
+                                                      "mean / std: after tokenizer training in `ldm pipeline`, and at "
+                                                      "generator start when the tokenizer has none stored")
 
 
 @dataclass
 class ModelCfg:
-    arch: str = choice("dit", ("dit", "unet"), "generator network")
+    arch: str = choice("dit", ("dit", "unet"), "generator network: dit (DiT / LightningDiT presets) or unet (diffusers "
+                                               "UNet2DModel adapter, sized by unet_*)")
     preset: str = field(default="DiT-S/2", metadata={"help": "DiT preset name (model.arch=dit; ldm.names."
                                                              "DIT_PRESET_NAMES = ldm.models.dit.DIT_PRESETS)"})
-    learn_sigma: bool = False
-    class_dropout: float = bounded(0.1, min=0.0, max=1.0, help="label dropout for classifier-free guidance")
-    use_swiglu: bool = False
-    use_rmsnorm: bool = False
-    use_rope: bool = False
-    use_qknorm: bool = False
-    grad_checkpointing: bool = False
-    unet_block_out_channels: list = listed([64, 128], "UNet widths")
-    unet_layers_per_block: int = bounded(2, min=1)
+    learn_sigma: bool = field(default=False, metadata={"help": "DiT's learned variance: 2C output channels trained "
+                                                               "with L_simple + L_vlb (Nichol & Dhariwal 2021); needs "
+                                                               "a ddpm_* path; the ddpm sampler then uses it"})
+    class_dropout: float = bounded(0.1, min=0.0, max=1.0, help="probability of replacing a training label by the "
+                                                               "null class, for classifier-free guidance (DiT: 0.1)")
+    use_swiglu: bool = field(default=False, metadata={"help": "SwiGLU feed-forward instead of the GELU MLP "
+                                                              "(LightningDiT); given to every preset, so "
+                                                              "LightningDiT-* presets need true here"})
+    use_rmsnorm: bool = field(default=False, metadata={"help": "RMSNorm instead of LayerNorm in the blocks, final "
+                                                               "layer and QK-norm (LightningDiT); given to every "
+                                                               "preset, as use_swiglu"})
+    use_rope: bool = field(default=False, metadata={"help": "2-D rotary embedding of queries and keys on top of the "
+                                                            "sin-cos position embedding (LightningDiT); given to "
+                                                            "every preset, as use_swiglu"})
+    use_qknorm: bool = field(default=False, metadata={"help": "normalise queries and keys per head before attention "
+                                                              "(stabilises training; LightningDiT's recipe: off)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "DiT: recompute each block in the backward pass "
+                                                                      "instead of storing its activations (less "
+                                                                      "memory, more compute, same gradients)"})
+    unet_block_out_channels: list = listed([64, 128], "model.arch=unet: widths per resolution level (levels after the "
+                                                      "first add self-attention)")
+    unet_layers_per_block: int = bounded(2, min=1, help="model.arch=unet: ResNet blocks per resolution level")
 
 
 @dataclass
 class DiffusionCfg:
     path: str = choice("linear", ("linear", "gvp", "vp", "ddpm_linear", "ddpm_cosine"),
-                       "noising path (t=0 data, t=1 noise)")
-    prediction: str = choice("velocity", ("velocity", "eps", "v", "x0"), "network output parameterisation")
-    t_sampler: str = choice("uniform", ("uniform", "logit_normal"), "training time distribution")
-    t_mean: float = 0.0
-    t_std: float = bounded(1.0, min=0.0, min_exclusive=True)
-    t_shift: float = bounded(1.0, min=0.0, min_exclusive=True, help="t' = s t / (1 + (s-1) t)")
-    weighting: str = choice("none", ("none", "min_snr"))
-    min_snr_gamma: float = bounded(5.0, min=0.0, min_exclusive=True)
-    cos_loss_weight: float = bounded(0.0, min=0.0, help="LightningDiT velocity-direction loss weight")
+                       "noising path x_t = alpha(t) x0 + sigma(t) eps, t=0 data, t=1 noise: linear (flow matching, "
+                       "alpha = 1 - t, sigma = t), gvp (cos / sin), vp (SiT's VP SDE), ddpm_linear / ddpm_cosine "
+                       "(T = 1000 DDPM betas, Ho et al. 2020 / Nichol & Dhariwal 2021)")
+    prediction: str = choice("velocity", ("velocity", "eps", "v", "x0"),
+                             "network output: velocity d x_t / dt (flow matching), eps (the noise), v = alpha eps - "
+                             "sigma x0 (Salimans & Ho 2022) or x0 (the data)")
+    t_sampler: str = choice("uniform", ("uniform", "logit_normal"),
+                            "training times on continuous paths: uniform U(0, 1) or logit_normal sigmoid(N(t_mean, "
+                            "t_std^2)) (SD3); ddpm_* paths draw their discrete steps uniformly instead")
+    t_mean: float = field(default=0.0, metadata={"help": "mean of the logit-normal (t_sampler=logit_normal) in ldm "
+                                                         "time; a SiT / LightningDiT mean m is -m here"})
+    t_std: float = bounded(1.0, min=0.0, min_exclusive=True, help="std of the logit-normal (t_sampler=logit_normal)")
+    t_shift: float = bounded(1.0, min=0.0, min_exclusive=True, help="training times t' = s t / (1 + (s-1) t) (SD3 Eq. "
+                                                                    "23; s > 1 favours noise; 1 = off, required on "
+                                                                    "ddpm_* paths)")
+    weighting: str = choice("none", ("none", "min_snr"), "per-sample loss weight: none, or min_snr = min(SNR, gamma) "
+                                                         "in x0 units converted to the prediction (Hang et al. 2023)")
+    min_snr_gamma: float = bounded(5.0, min=0.0, min_exclusive=True, help="gamma of weighting=min_snr (paper: 5)")
+    cos_loss_weight: float = bounded(0.0, min=0.0, help="weight of LightningDiT's velocity-direction loss 1 - "
+                                                        "cos(output, target) over channels, added to the MSE (their "
+                                                        "recipe: 1; 0 = off)")
     latent_norm: str = choice("channel", ("channel", "scalar", "none"),
-                              "latent normalisation: per-channel mean/std, scalar scaling factor, or none")
-    scaling_factor: Optional[float] = field(default=None, metadata={"help": "scalar factor (latent_norm=scalar); "
-                                                                            "default: the tokenizer's"})
-    repa: bool = False
+                              "latent normalisation: per-channel mean/std, scalar scaling factor, or none; the "
+                              "statistics are stored in every generator checkpoint")
+    scaling_factor: Optional[float] = field(default=None, metadata={"help": "latent_norm=scalar: z * factor (SD-VAE: "
+                                                                            "0.18215); null = the tokenizer's own"})
+    repa: bool = field(default=False, metadata={"help": "REPA (Yu et al. 2024, arXiv:2410.06940): align the DiT's "
+                                                        "hidden tokens after block repa_depth with a frozen encoder's "
+                                                        "patch features; needs model.arch=dit and images "
+                                                        "(data.latents unset)"})
     repa_encoder: str = choice("dinov2_vitb14", ENCODER_NAMES, "frozen vision encoder REPA aligns to (as "
                                                               "tokenizer.va.encoder)")
-    repa_weights: Optional[str] = None
-    repa_depth: int = bounded(8, min=1)
-    repa_weight: float = bounded(0.5, min=0.0)
-    repa_proj_dim: int = bounded(2048, min=1)
+    repa_weights: Optional[str] = field(default=None, metadata={"help": "weights file of REPA's encoder; null = torch "
+                                                                        "hub's cache, then the Hugging Face cache"})
+    repa_depth: int = bounded(8, min=1, help="1-based index of the DiT block whose output is aligned (REPA: 8)")
+    repa_weight: float = bounded(0.5, min=0.0, help="lambda in L = L_diffusion + lambda L_REPA (REPA: 0.5)")
+    repa_proj_dim: int = bounded(2048, min=1, help="hidden width of REPA's 3-layer MLP projector (REPA: 2048)")
 
 
 @dataclass
 class SampleCfg:
     sampler: str = choice("euler", SAMPLER_NAMES, "sampler (ldm.diffusion.samplers.SAMPLERS); the options each one "
                                                   "reads: samplers.SAMPLER_OPTIONS")
-    steps: int = bounded(50, min=1)
-    cfg_scale: float = bounded(1.0, min=0.0, help="classifier-free guidance scale (1 = off)")
+    steps: int = bounded(50, min=1, help="steps n of the time grid (network calls: euler n, heun 2n - 1); ddpm_* "
+                                         "paths: DiT's respacing of their 1000 training steps")
+    cfg_scale: float = bounded(1.0, min=0.0, help="classifier-free guidance scale w: uncond + w (cond - uncond) "
+                                                  "(1 = off)")
     interval: list = listed([0.0, 1.0], "guidance on for t in [lo, hi] (t=0 data, t=1 noise)")
-    cfg_channels: str = choice("all", ("all", "first3"))
-    time_grid: str = choice("uniform", ("uniform", "karras", "shifted"))
-    shift: float = bounded(1.0, min=0.0, min_exclusive=True)
-    eta: float = bounded(0.0, min=0.0)
-    num: int = bounded(64, min=1)
-    batch_size: int = bounded(32, min=1)
-    seed: int = 0
-    use_ema: bool = True
+    cfg_channels: str = choice("all", ("all", "first3"), "guided output channels: all, or first3 = channels 0-2 "
+                                                         "only (the DiT / SiT / LightningDiT quirk, to reproduce "
+                                                         "their numbers)")
+    time_grid: str = choice("uniform", ("uniform", "karras", "shifted"),
+                            "continuous paths: uniform in t, karras (EDM sigmas 0.002 .. 80, rho 7) or shifted "
+                            "(uniform through t' = s t / (1 + (s-1) t), s = sample.shift); euler_maruyama + uniform "
+                            "uses SiT's SDE grid; ddpm_* paths always respace")
+    shift: float = bounded(1.0, min=0.0, min_exclusive=True, help="s of time_grid=shifted (LightningDiT's timestep "
+                                                                  "shift s_L is 1 / s_L here)")
+    eta: float = bounded(0.0, min=0.0, help="sampler=ddim: 0 = deterministic DDIM, 1 = DDPM's ancestral noise")
+    num: int = bounded(64, min=1, help="images `ldm sample` writes")
+    batch_size: int = bounded(32, min=1, help="images per forward pass per process when sampling (the images do not "
+                                              "depend on it)")
+    seed: int = field(default=0, metadata={"help": "sampling seed: image i's noise comes from a generator keyed by "
+                                                   "(seed, i); training grids use seed, periodic FID seed + 1"})
+    use_ema: bool = field(default=True, metadata={"help": "`ldm sample`: false = the raw weights (--no-ema); a run's "
+                                                          "stored value is not read (sampling defaults to EMA)"})
 
 
 # SampleCfg fields left out of a sample folder's identity (ldm.eval.generate.sample_identity records every other
@@ -246,25 +406,34 @@ SAMPLE_NON_IDENTITY_FIELDS: tuple[str, ...] = ("num", "batch_size", "seed", "use
 class EvalCfg:
     extractor: str = choice("inception", EXTRACTOR_NAMES, "feature extractor for FID "
                                                           "(ldm.eval.extractors.EXTRACTORS)")
-    inception_weights: Optional[str] = None
-    num_samples: int = bounded(1000, min=2)
-    batch_size: int = bounded(64, min=1)
-    reference: Optional[str] = field(default=None, metadata={"help": "reference images/npz/stats for FID"})
+    inception_weights: Optional[str] = field(default=None, metadata={"help": "FID Inception-v3 weights file "
+                                                                             "(pytorch-fid's or torch-fidelity's); "
+                                                                             "null = $LDM_INCEPTION_WEIGHTS, then "
+                                                                             "torch hub's cache"})
+    num_samples: int = bounded(1000, min=2, help="images generated for each periodic FID (train.eval_every)")
+    batch_size: int = bounded(64, min=1, help="images per generation and feature batch in periodic FID")
+    reference: Optional[str] = field(default=None, metadata={"help": "FID reference: statistics .npz, ADM reference "
+                                                                     "batch or images (folder, archive, .npz, "
+                                                                     "digits); null = data.source"})
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = field(default="run", metadata={"help": "run name: the run directory is <train.run_root>/<name>/"})
     stage: str = choice("generator", ("tokenizer", "generator"), "which model this run trains")
-    seed: int = 0
-    data: DataCfg = field(default_factory=DataCfg)
-    tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
-    model: ModelCfg = field(default_factory=ModelCfg)
-    diffusion: DiffusionCfg = field(default_factory=DiffusionCfg)
-    optim: OptimCfg = field(default_factory=OptimCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    sample: SampleCfg = field(default_factory=SampleCfg)
+    seed: int = field(default=0, metadata={"help": "training seed: initial weights, data order, crops / flips and "
+                                                   "every step's noise derive from it (with rank and step)"})
+    data: DataCfg = field(default_factory=DataCfg, metadata={"help": "training images (or latent cache)"})
+    tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg, metadata={"help": "the tokenizer: trained (stage="
+                                                                                    "tokenizer) or frozen"})
+    model: ModelCfg = field(default_factory=ModelCfg, metadata={"help": "the generator network"})
+    diffusion: DiffusionCfg = field(default_factory=DiffusionCfg, metadata={"help": "the generator's training "
+                                                                                    "objective"})
+    optim: OptimCfg = field(default_factory=OptimCfg, metadata={"help": "optimizers and lr schedule"})
+    train: TrainCfg = field(default_factory=TrainCfg, metadata={"help": "the training loop"})
+    eval: EvalCfg = field(default_factory=EvalCfg, metadata={"help": "periodic evaluation during training"})
+    sample: SampleCfg = field(default_factory=SampleCfg, metadata={"help": "sampling: training grids, periodic FID, "
+                                                                           "`ldm sample` defaults"})
 
     @property
     def run_dir(self) -> Path:
@@ -279,12 +448,18 @@ class PipelineCfg:
     """`ldm pipeline`: the stages of a whole experiment under <run_root>/<name>/ (tokenizer/, latents/, generator/,
     samples/, eval.json, summary.json). `tokenizer` and `generator` are complete run configs of their stages."""
 
-    name: str = "pipeline"
-    run_root: str = "runs"
+    name: str = field(default="pipeline", metadata={"help": "pipeline name: everything is written under "
+                                                            "<run_root>/<name>/"})
+    run_root: str = field(default="runs", metadata={"help": "directory that holds pipeline directories"})
     stages: list = listed(list(PIPELINE_STAGES), "stages to run, in this order")
-    tokenizer: RunConfig = field(default_factory=lambda: RunConfig(stage="tokenizer"))
-    generator: RunConfig = field(default_factory=RunConfig)
-    latent_flips: bool = field(default=False, metadata={"help": "cache horizontally flipped latents too"})
+    tokenizer: RunConfig = field(default_factory=lambda: RunConfig(stage="tokenizer"),
+                                 metadata={"help": "the tokenizer stage's run config (the pipeline sets its name, "
+                                                   "stage and train.run_root)"})
+    generator: RunConfig = field(default_factory=RunConfig,
+                                 metadata={"help": "the generator stage's run config (the pipeline sets its name, "
+                                                   "stage, train.run_root, tokenizer.checkpoint and data.latents)"})
+    latent_flips: bool = field(default=False, metadata={"help": "cache horizontally flipped latents too (the "
+                                                                "generator then trains on both)"})
     num_samples: int = bounded(1000, min=1, help="images sampled for the FID stage")
     grid_per_class: int = bounded(10, min=1, help="grid rows: samples per class in the class-conditional grid")
     fid_extractors: list = listed(["digits", "inception"], "feature spaces for the FID stage; 'inception' is "
@@ -443,6 +618,7 @@ def validate(cfg: Any) -> None:
     if not cfg.name or any(c in cfg.name for c in "/\\"):
         raise ConfigError(f"name={cfg.name!r} must be a non-empty directory name without slashes")
     _check_train(cfg.train, cfg.optim)
+    _check_allow_changes(cfg.train.allow_changes)
     _check_tokenizer(cfg.tokenizer, stage=cfg.stage, image_size=cfg.data.image_size)
     _check_model(cfg.model)
     _check_sample(cfg.sample)
@@ -469,6 +645,16 @@ def _check_train(t: TrainCfg, optim: OptimCfg) -> None:
     for key, betas in (("optim.betas", optim.betas), ("optim.disc_betas", optim.disc_betas)):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{key}={list(betas)!r}; expected two numbers in [0, 1)")
+
+
+def _check_allow_changes(patterns: list[str]) -> None:
+    """Each entry of train.allow_changes names a key (or is a pattern matching one), so a typo fails here."""
+    keys = [f"{prefix}{name}" for prefix, name in _all_keys(RunConfig, "")]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(key, pattern) for key in keys):
+            close = difflib.get_close_matches(pattern, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; expected dotted config keys such as 'seed'"
+            raise ConfigError(f"train.allow_changes: {pattern!r} names no config key{hint}")
 
 
 def _check_tokenizer(tok: TokenizerCfg, *, stage: str, image_size: int) -> None:
@@ -554,7 +740,108 @@ def as_container(cfg: Any) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------- resume
+# The keys a resumed run may change, each with why it leaves the experiment as it was: they say how long to train, how
+# fast to step from here on, what to write along the way and where, never what is trained on which data with which
+# objective. Every other difference (architecture, objective, data and its preprocessing, tokenizer, latent shape,
+# seed, batch size and accumulation, optimizer kind and moments, EMA, precision) is refused unless the user names the
+# key in train.allow_changes. Paths are refused too where nothing checks that the moved file holds the same thing
+# (data.source, data.latents, tokenizer.pretrained, the frozen networks' weight files); tokenizer.checkpoint may move
+# because the tokenizer's fingerprint, recorded in every generator checkpoint, is what has to match. Keys are fnmatch
+# patterns ("eval.*").
+_CADENCE = "how often the loop logs, saves, draws grids or evaluates: outputs along the way, not the weights"
+_LR_SCHEDULE = "the lr schedule from the resumed step on: extending or cooling down a run is ordinary run control"
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "name": "names the run directory: a renamed run, or a new run started from another's checkpoint "
+            "(train.resume=<path>)",
+    "train.run_root": "where run directories live: a moved run trains the same",
+    "train.resume": "how the checkpoint is found, not what is trained",
+    "train.allow_changes": "this override list itself",
+    "train.max_steps": "where training stops (and where cosine / linear lr decay ends)",
+    "train.max_epochs": "a stopping rule",
+    "train.log_every": _CADENCE,
+    "train.ckpt_every": _CADENCE,
+    "train.keep_last": "how many old checkpoints stay on disk",
+    "train.sample_every": _CADENCE,
+    "train.eval_every": _CADENCE,
+    "train.max_nan_skips": "how many bad steps are tolerated, not what a good step does",
+    "train.deterministic": "kernel choice for tests and bisection: the same maths (float rounding may differ)",
+    "train.compile": "speed only",
+    "optim.lr": _LR_SCHEDULE,
+    "optim.warmup_steps": _LR_SCHEDULE,
+    "optim.schedule": _LR_SCHEDULE,
+    "optim.min_lr_ratio": _LR_SCHEDULE,
+    "optim.disc_lr": _LR_SCHEDULE,
+    "optim.grad_clip": "a limit on the update size, commonly tightened when a run spikes",
+    "data.num_workers": "loader processes: every item is a function of (index, seed), so the batches stay the same",
+    "data.on_error": "the policy for unreadable files: skip continues past a file that stopped the run",
+    "model.grad_checkpointing": "memory traded for compute: the same gradients",
+    "tokenizer.checkpoint": "where a generator's frozen tokenizer is read from: a moved folder holds the same "
+                            "tokenizer when its fingerprint matches the one recorded in the checkpoint",
+    "eval.*": "periodic evaluation only reads the weights",
+    "sample.*": "sampling settings shape grids, periodic FID and later sampling, never a training step",
+}
+
+
+class Change(NamedTuple):
+    """A config key whose value differs between a checkpoint's config (`old`) and the resuming run's (`new`)."""
+
+    key: str
+    old: Any
+    new: Any
+
+
+def may_change_on_resume(key: str, allow_changes: Sequence[str] = ()) -> bool:
+    """True when a RESUME_MAY_CHANGE pattern or one of `allow_changes` (train.allow_changes) matches `key`."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in (*RESUME_MAY_CHANGE, *allow_changes))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, at any depth, so sequences compare by value whatever container held them."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists are values, compared whole."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _plain(value)
+    return out
+
+
+def resume_changes(saved: Mapping, cfg: RunConfig) -> tuple[list[Change], list[Change]]:
+    """(allowed, refused): the keys, in schema order, whose values differ between `saved`, the plain config stored in
+    the checkpoint being resumed, and `cfg`, the resuming run's. A change is allowed when RESUME_MAY_CHANGE or
+    cfg.train.allow_changes matches its key. A key missing from `saved` (added to the schema after the checkpoint was
+    written) compares as its schema default, so old checkpoints resume unchanged; a saved key the schema no longer
+    has is ignored."""
+    new = _flatten(as_container(cfg))
+    old = {**_flatten(as_container(type(cfg)())), **_flatten(saved)}
+    allowed: list[Change] = []
+    refused: list[Change] = []
+    for key, value in new.items():
+        if old[key] != value:
+            target = allowed if may_change_on_resume(key, cfg.train.allow_changes) else refused
+            target.append(Change(key, old[key], value))
+    return allowed, refused
+
+
+def format_refusal(refused: Sequence[Change], checkpoint: str | Path | None = None) -> str:
+    """The error for refused resume changes: one `key: old -> new` line per key, then the two ways forward."""
+    where = f" {checkpoint}" if checkpoint is not None else ""
+    keys = ",".join(change.key for change in refused)
+    head = f"these settings differ from those of the checkpoint{where} and would change the experiment it continues:"
+    lines = [f"  {change.key}: {change.old!r} -> {change.new!r}" for change in refused]
+    tail = (f"Start a new run with another name=..., or continue this one with the new values by naming the keys: "
+            f"train.allow_changes=[{keys}] (the override is recorded with the run).")
+    return "\n".join([head, *lines, tail])
+
+
 __all__ = ["ConfigError", "RunConfig", "DataCfg", "OptimCfg", "TrainCfg", "TokenizerCfg", "EqCfg", "VaCfg", "VqCfg",
            "ModelCfg", "DiffusionCfg", "SampleCfg", "SAMPLE_NON_IDENTITY_FIELDS", "EvalCfg", "PipelineCfg",
            "PIPELINE_STAGES", "load_config", "validate", "save_config", "to_yaml", "config_from_dict", "help_lines",
-           "as_container", "ListConfig"]
+           "as_container", "ListConfig", "RESUME_MAY_CHANGE", "Change", "may_change_on_resume", "resume_changes",
+           "format_refusal"]

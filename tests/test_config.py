@@ -154,3 +154,20 @@ def test_sample_identity_fields():
     assert set(SAMPLE_NON_IDENTITY_FIELDS) <= set(fields)
     identity = {name for name in fields if name not in SAMPLE_NON_IDENTITY_FIELDS}
     assert identity == {"sampler", "steps", "cfg_scale", "interval", "cfg_channels", "time_grid", "shift", "eta"}
+
+
+def _fields_with_paths(schema: type, prefix: str = ""):
+    """Every dataclass field of `schema`, sections included, with its dotted key (recursing into sections)."""
+    for f in dataclasses.fields(schema):
+        yield f"{prefix}{f.name}", f
+        section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            yield from _fields_with_paths(type(section), f"{prefix}{f.name}.")
+
+
+@pytest.mark.parametrize("schema", [RunConfig, PipelineCfg])
+def test_every_key_has_a_help_text(schema):
+    keys = list(_fields_with_paths(schema))
+    assert len(keys) > 100  # the walk reached the nested sections
+    undocumented = [key for key, f in keys if not str(f.metadata.get("help", "")).strip()]
+    assert undocumented == []
