@@ -206,3 +206,14 @@ def test_sampler_sharding_and_resume():
     assert derive_seed(1, 0) != derive_seed(0, 1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ResumableBatchSampler(3, 4, seed=0)
+
+
+def test_iter_uint8_batches_shards_whole_batches_and_stops_at_the_limit():
+    """Global batch b holds images [b*B, (b+1)*B) and goes to rank b % world: the same batches for any world size."""
+    one = [idx.tolist() for _, idx in iter_uint8_batches("digits", 10, size=8, limit=45)]
+    assert one == [list(range(s, min(s + 10, 45))) for s in range(0, 45, 10)]
+    for rank in range(2):
+        mine = [idx.tolist() for _, idx in iter_uint8_batches("digits", 10, size=8, rank=rank, world_size=2, limit=45)]
+        assert mine == one[rank::2]
+    with pytest.raises(ValueError, match="on_error='ignore'"):
+        next(iter_uint8_batches("digits", 10, on_error="ignore"))

@@ -1,4 +1,4 @@
-"""Frozen vision encoders (ldm/encoders.py) with tiny random timm ViTs and plain modules built here."""
+"""Frozen vision encoders (ldm/encoders/) with tiny random timm ViTs and plain modules built here."""
 
 import pytest
 import torch
@@ -106,3 +106,25 @@ def test_build_encoder_finds_the_torch_hub_file(tmp_path, monkeypatch):
     feats = enc(torch.zeros(1, 3, 256, 256))
     assert feats.shape == (1, 256, 384)  # REPA: 256 px -> 224 px -> 16 x 16 patches
     torch.testing.assert_close(enc.model.blocks[3].mlp.fc1.weight, src.blocks[3].mlp.fc1.weight)
+
+
+def test_features_at_grid_reads_the_encoder_grid_and_resizes_to_the_target():
+    from ldm.encoders import features_at_grid, tokens_to_grid
+
+    class Tokens(torch.nn.Module):  # (B, 3, 8, 12) -> (B, 6, 2) tokens on a 2 x 3 grid of 4 x 4 patches
+        grid_size = (2, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x[:, :2], 4).flatten(2).transpose(1, 2)
+
+    enc = Tokens()
+    x = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    pooled = torch.nn.functional.avg_pool2d(x[:, :2], 4)  # (B, 2, 2, 3): the tokens as a map, computed directly
+    torch.testing.assert_close(features_at_grid(enc, x, (2, 3)), pooled)
+    up = features_at_grid(enc, x, (4, 6))
+    torch.testing.assert_close(up, torch.nn.functional.interpolate(pooled, size=(4, 6), mode="bilinear",
+                                                                   align_corners=False))
+    enc.grid_size = 5  # does not fit 6 tokens and 6 is not a square: the error names the token count
+    with pytest.raises(ValueError, match="6 patch tokens"):
+        features_at_grid(enc, x, (2, 3))
+    assert tokens_to_grid(torch.zeros(1, 16, 5)).shape == (1, 5, 4, 4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.eval.digits_classifier import (
+from ldm.encoders.digits import (
     DEFAULT_WEIGHTS,
     DigitsClassifier,
     digits_split,

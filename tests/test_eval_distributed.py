@@ -34,7 +34,7 @@ def worker(out: str, samples: str, ref: str) -> None:
 def test_one_and_two_processes_agree(tmp_path):
     from conftest import run_python
 
-    from ldm.eval.digits_classifier import digits_split
+    from ldm.encoders.digits import digits_split
 
     tr_x, _, te_x, _ = digits_split()
     np.savez(tmp_path / "samples.npz", arr_0=te_x[:101])  # odd count: the two shards differ in size

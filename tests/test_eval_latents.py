@@ -101,6 +101,32 @@ def test_position_dependent_encoder_has_the_predicted_latent_error():
     assert expected > 0.1
 
 
+
+def test_equivariance_error_is_the_mean_decoder_mse_over_the_grid():
+    """ldm.tokenizers.eq.equivariance_error (the EQ-VAE paper's number) against a direct computation: mean over
+    every (s, k) pair of the pixel-mean of (D(tau(E(x))) - tau(x))^2, tau = bilinear x s then k x 90 deg."""
+    from ldm.tokenizers.eq import equivariance_error
+
+    def decode(z):
+        return F.interpolate(z, scale_factor=F_DOWN, mode="bilinear", align_corners=False)
+
+    x = torch.rand(3, 3, 32, 32, generator=gen(20)) * 2 - 1
+    z = identity_encode(x)
+    expected = []
+    for s in (0.5, 0.75):
+        for k in (0, 1, 3):
+            h = int(8 * s)
+            z_t = torch.rot90(F.interpolate(z, size=(h, h), mode="bilinear", align_corners=False), k, dims=[-1, -2])
+            x_t = torch.rot90(F.interpolate(x, size=(h * F_DOWN, h * F_DOWN), mode="bilinear", align_corners=False),
+                              k, dims=[-1, -2])
+            expected.append(float((decode(z_t) - x_t).double().square().mean()))
+    err = equivariance_error(identity_encode, decode, x, downsample=F_DOWN, scales=[0.5, 0.75], rotations=(0, 1, 3))
+    assert err == pytest.approx(sum(expected) / len(expected), rel=1e-12) and err > 0.01
+    res = equivariance_errors(identity_encode, decode, [x], downsample=F_DOWN, latent_error=False,
+                              transforms=eq_transforms(scales=(0.5,), rotations=(1,)))
+    assert all("latent_error" not in t for t in res["transforms"].values())
+    assert set(res["rotation_mean"]) == {"decoder_mse", "decoder_ratio"}
+
 # ----------------------------------------------------------------------------------------------------------- spectrum
 def test_white_noise_has_a_flat_spectrum():
     x = torch.randn(3000, 2, 8, 8, generator=gen(4)) * 1.7
@@ -220,7 +246,7 @@ def test_alignment_of_latents_with_themselves_is_perfect_and_subsampling_is_seed
 
 def test_digits_patch_encoder_returns_the_classifier_trunk_per_position():
     from ldm.encoders import build_encoder
-    from ldm.eval.digits_classifier import load_digits_classifier
+    from ldm.encoders.digits import load_digits_classifier
 
     enc = build_encoder("digits")
     x = torch.rand(2, 3, 32, 32, generator=gen(18)) * 2 - 1

@@ -380,18 +380,24 @@ def build_dataset(data_cfg) -> ImageDataset:
 
 
 def iter_uint8_batches(path: str, batch_size: int, *, size: int | None = None, rank: int = 0, world_size: int = 1,
-                       on_error: str = "skip") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (uint8 NHWC batch, global indices) over a source, this process's shard only (indices rank::world_size).
+                       limit: int | None = None, on_error: str = "skip") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (uint8 NHWC batch, global indices) over a source, this process's shard only: THE image-batch reader of
+    evaluation, sampling references and diagnostics.
 
-    `size` applies the ADM centre crop; without it all images must already share one size. Bad files are skipped
-    (with a warning naming them) or raised, per `on_error`. For evaluation: gather and sort by index to get an order
-    independent of the process count.
+    Sharded by whole batches: global batch b holds images [b*B, (b+1)*B) and goes to process b % world_size, so every
+    batch holds the same images for any process count (a network then sees identical batches and gathered features
+    are bit-identical for 1 or N processes; gather and sort by index for the full set). `limit` keeps the first
+    `limit` images. `size` applies the ADM centre crop; without it all images must already share one size. Bad files
+    are skipped (with a warning naming them) or raised, per `on_error`; a batch that loses images to bad files is
+    yielded shorter, never refilled.
     """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     source = open_source(path, size or 32)
-    mine = list(range(rank, len(source), world_size))
-    for start in range(0, len(mine), batch_size):
+    n = len(source) if limit is None else min(limit, len(source))
+    for start in range(rank * batch_size, n, world_size * batch_size):
         images, indices = [], []
-        for i in mine[start:start + batch_size]:
+        for i in range(start, min(start + batch_size, n)):
             try:
                 arr = source.read(i)
             except BadImageError as err:
@@ -402,7 +408,7 @@ def iter_uint8_batches(path: str, batch_size: int, *, size: int | None = None, r
             arr = center_crop_arr(arr, size) if size is not None else arr
             if images and arr.shape != images[0].shape:
                 raise ValueError(f"{source.names[i]}: image shape {arr.shape} differs from {images[0].shape}; pass "
-                                 f"a size to centre-crop all images to one size")
+                                 f"a size (--image-size) to centre-crop all images to one size")
             images.append(arr)
             indices.append(i)
         if images:

@@ -33,8 +33,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ldm.data.images import iter_uint8_batches, open_source
 from ldm.eval.extractors import Extractor, InceptionExtractor, build_extractor
-from ldm.eval.features import dist_info, extract_features, gather_by_index, iter_batch_shards, prefetch, to_nchw
+from ldm.eval.features import dist_info, extract_features, gather_by_index, prefetch, to_nchw
 from ldm.eval.fid import frechet_distance, has_stats, load_stats, save_stats, stats_from_features
 from ldm.eval.metrics import inception_score, precision_recall, psnr, ssim
 
@@ -73,8 +74,9 @@ def _extractor(extractor: str | Extractor, weights: str | None, device: torch.de
 
 def _image_batches(path: str, batch_size: int, size: int | None,
                    limit: int | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """This process's shard of the images at `path` (the one reader, ldm.data.images.iter_uint8_batches)."""
     rank, world = dist_info()
-    return iter_batch_shards(str(path), batch_size, size=size, rank=rank, world_size=world, limit=limit)
+    return iter_uint8_batches(str(path), batch_size, size=size, rank=rank, world_size=world, limit=limit)
 
 
 def _count(path: str, size: int | None) -> int | None:
@@ -89,8 +91,6 @@ def _count(path: str, size: int | None) -> int | None:
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape = read(f)[0]
             return int(shape[0])
-        from ldm.data.images import open_source
-
         return len(open_source(str(path), size or 32))
     except (OSError, ValueError, KeyError):
         return None
@@ -108,8 +108,6 @@ def dataset_fingerprint(path: str) -> str:
             f.seek(max(0, st.st_size - (1 << 20)))
             h.update(f.read(1 << 20))
         return h.hexdigest()[:16]
-    from ldm.data.images import open_source
-
     root = str(p.resolve()) if p.exists() else str(path)
     return hashlib.sha256(f"{root}|{open_source(str(path)).fingerprint()}".encode()).hexdigest()[:16]
 

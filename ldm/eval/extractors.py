@@ -11,12 +11,14 @@ the preprocessing, for the reference-statistics cache.
 Built-in extractors (EXTRACTORS):
   inception  the FID Inception-v3 (ldm/eval/inception.py), TF-2015 weights from a local file.
   dinov2     DINOv2 ViT-L/14 CLS token as in Stein et al. 2023 (arXiv:2306.04675, dgm-eval `models/dinov2.py`):
-             bicubic resize to 224, ImageNet mean/std; the timm architecture and local-weights loading of
-             ldm/encoders.py (official `dinov2_vitl14_pretrain.pth` or timm format). timm resamples the position
+             bicubic resize to 224, ImageNet mean/std; the network is ldm.encoders' "dinov2_vitl14" (`load_vit`:
+             official `dinov2_vitl14_pretrain.pth` or timm format, local weights only). timm resamples the position
              embeddings to 224 once, at load time, instead of per forward as the official hub model does, and the
              resize runs on tensors rather than PIL images: FD_dinov2 is close to, not bit for bit, dgm-eval's.
-  digits     the small digits classifier (ldm/eval/digits_classifier.py), weights committed in ldm/assets.
-Any other nn.Module mapping preprocessed float images to (B, D) works through `ModuleExtractor`.
+  digits     the small digits classifier (ldm/encoders/digits.py), weights committed in ldm/assets.
+Frozen vision networks come from ldm.encoders, the one registry of them (Inception, used for FID only, lives in
+ldm/eval/inception.py); the builders here add the image-level preprocessing and outputs. Any other nn.Module mapping
+preprocessed float images to (B, D) works through `ModuleExtractor`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.encoders import IMAGENET_MEAN, IMAGENET_STD
+from ldm.encoders import IMAGENET_MEAN, IMAGENET_STD, load_vit
+from ldm.encoders.digits import DigitsFeatures, load_digits_classifier, preprocess_digits
 
 OUTPUT_KEYS = ("features", "spatial", "logits")
 
@@ -173,32 +176,17 @@ def build_dinov2(weights: str | os.PathLike | None = None) -> ModuleExtractor:
     """DINOv2 ViT-L/14 CLS features (timm architecture) from a local checkpoint: `weights`, $LDM_DINOV2_WEIGHTS, or
     the caches `ldm.encoders.find_weights` searches (torch hub checkpoints/dinov2_vitl14_pretrain.pth, Hugging Face
     timm/vit_large_patch14_dinov2.lvd142m)."""
-    import timm
-
-    from ldm.encoders import ENCODERS, find_weights, load_vit_weights
-
-    path = find_weights("dinov2_vitl14", weights if weights is not None else os.environ.get(DINOV2_ENV))
-    model = timm.create_model(ENCODERS["dinov2_vitl14"][0], pretrained=False, img_size=224, num_classes=0)
-    load_vit_weights(model, path)  # model(x) is then the final-norm CLS token (B, 1024), dinov2's x_norm_clstoken
+    model = load_vit("dinov2_vitl14", weights if weights is not None else os.environ.get(DINOV2_ENV), image_size=224)
+    # without a head, model(x) is the final-norm CLS token (B, 1024): dinov2's x_norm_clstoken
     pre = ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, mode="bicubic")
     return ModuleExtractor(model, "dinov2", pre, description=f"dinov2 vitl14 CLS; {pre!r}")
 
 
 def build_digits(weights: str | os.PathLike | None = None) -> ModuleExtractor:
-    from ldm.eval.digits_classifier import load_digits_classifier, preprocess_digits
-
+    """The shipped digits classifier: features = its penultimate layer (B, 64), logits = its head (B, 10)."""
     net = load_digits_classifier(weights)
-    return ModuleExtractor(_DigitsFeatures(net), "digits", preprocess_digits, logits_fn=net,
+    return ModuleExtractor(DigitsFeatures(net), "digits", preprocess_digits, logits_fn=net,
                            description="uint8 -> channel mean -> bilinear antialias 32 -> [-1, 1]")
-
-
-class _DigitsFeatures(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.classifier = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x)  # (B, 64)
 
 
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {

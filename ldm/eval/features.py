@@ -1,15 +1,14 @@
 """Batched, sharded feature extraction: run an Extractor over this process's image batches, gather all processes'
 rows and order them by global image index, so 1 or N processes (accelerate launch / torchrun) give the same arrays.
 
-Batches are (uint8 NHWC numpy array, int64 global indices) pairs of one process's shard (`iter_batch_shards`).
-Decoding runs in a background thread one batch ahead of the network. Gathering pads every process's rows to the
-largest count, all-gathers them with torch.distributed (NCCL on GPUs, gloo on CPU) and drops the padding; every
-process receives the full, index-ordered result.
+Batches are (uint8 NHWC numpy array, int64 global indices) pairs of one process's shard, as
+`ldm.data.images.iter_uint8_batches` yields them. Decoding runs in a background thread one batch ahead of the
+network. Gathering pads every process's rows to the largest count, all-gathers them with torch.distributed (NCCL on
+GPUs, gloo on CPU) and drops the padding; every process receives the full, index-ordered result.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from typing import Iterable, Iterator
@@ -18,8 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-
-logger = logging.getLogger(__name__)
 
 
 def dist_info() -> tuple[int, int]:
@@ -50,37 +47,6 @@ def prefetch(iterator: Iterable, depth: int = 2) -> Iterator:
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-def iter_batch_shards(path: str, batch_size: int, *, size: int | None = None, rank: int = 0, world_size: int = 1,
-                      limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 NHWC batch, global indices) of one process, sharded by whole batches: global batch b holds images
-    [b*B, (b+1)*B) and goes to process b % world_size; `limit` keeps the first `limit` images only.
-
-    Unlike `ldm.data.images.iter_uint8_batches` (which strides single images, rank::world_size), every batch then
-    holds the same images for any process count, so a network sees identical batches and the gathered features are
-    bit-identical for 1 or N processes. Reading, bad-file skipping and the ADM centre crop are that module's.
-    """
-    from ldm.data.images import BadImageError, center_crop_arr, open_source
-
-    source = open_source(path, size or 32)
-    n = len(source) if limit is None else min(limit, len(source))
-    for start in range(rank * batch_size, n, world_size * batch_size):
-        images, indices = [], []
-        for i in range(start, min(start + batch_size, n)):
-            try:
-                arr = source.read(i)
-            except BadImageError as err:
-                logger.warning("skipping bad image: %s", err)
-                continue
-            arr = center_crop_arr(arr, size) if size is not None else arr
-            if images and arr.shape != images[0].shape:
-                raise ValueError(f"{source.names[i]}: image shape {arr.shape} differs from {images[0].shape}; pass "
-                                 f"a size (--image-size) to centre-crop all images to one size")
-            images.append(arr)
-            indices.append(i)
-        if images:
-            yield np.stack(images), np.asarray(indices, dtype=np.int64)
 
 
 def to_nchw(batch: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:

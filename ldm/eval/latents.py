@@ -8,7 +8,8 @@ Pure functions of tensors, then one driver, `diagnose_tokenizer`, that runs them
   their spread (max/min std, coefficient of variation of the stds, range of the means). Latent diffusion normalises
   latents by these numbers (Rombach et al. 2022, arXiv:2112.10752, §4.3.2 and App. G: the scale factor).
 * equivariance under the EQ-VAE transforms tau (Kouzelis et al. 2025, arXiv:2502.09509, §3 and Table 1; transforms
-  from ldm.tokenizers.eq: bilinear down-scaling by s and k x 90 deg rotations), over the image set:
+  and the metric from ldm.tokenizers.eq, `equivariance_errors`: bilinear down-scaling by s and k x 90 deg
+  rotations), over the image set:
     decoder ratio  R_dec(tau) = RMS(D(tau(E(x))) - tau(x)) / RMS(D(E(x)) - x)   (1 = as good as a plain reconstruction)
     decoder MSE    the EQ-VAE paper's error, mean over pixels of (D(tau(E(x))) - tau(x))^2, images in [-1, 1]
     latent error   e_lat(tau) = ||E(tau(x)) - tau(E(x))|| / ||tau(E(x))||   (norms over the whole set)
@@ -37,14 +38,15 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.tokenizers.eq import EqTransform, transform_latent_and_image
+from ldm.encoders import features_at_grid
+from ldm.tokenizers.eq import EqTransform, equivariance_errors
 
 log = logging.getLogger(__name__)
 
@@ -189,20 +191,6 @@ def cknna(x: torch.Tensor, y: torch.Tensor, topk: int = 10) -> float:
     return float(sim_kl / ((sim_kk * sim_ll).sqrt() + 1e-12))
 
 
-def features_at_grid(encoder: nn.Module, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A frozen encoder's patch tokens (B, L, D) as a feature map resized (bilinear) to the latent grid (B, D, h, w),
-    as VA-VAE compares them (ldm.tokenizers.va.VFAligner.features)."""
-    from ldm.tokenizers.va import tokens_to_grid
-
-    tokens = encoder(images).float()  # (B, L, D)
-    side = getattr(encoder, "grid_size", None)
-    grid = (side, side) if isinstance(side, int) and side * side == tokens.shape[1] else None  # else: square
-    f = tokens_to_grid(tokens, grid)  # (B, D, gh, gw)
-    if tuple(f.shape[-2:]) != tuple(grid):
-        f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-    return f
-
-
 def alignment(latents: torch.Tensor, features: torch.Tensor, *, topk: int = 10, max_tokens: int = 2048,
               seed: int = 0) -> dict:
     """Token-level alignment of latents (N, C, h, w) with features (N, D, h, w): each latent position is a point.
@@ -224,40 +212,6 @@ def eq_transforms(scales: Sequence[float] = (0.5, 0.75), rotations: Sequence[int
     """The diagnostic transform set: each rotation k x 90 deg at scale 1, each scale s without rotation."""
     out = {f"rot{90 * k}": EqTransform("equivariance", (1.0, 1.0), int(k)) for k in rotations}
     out.update({f"scale{s:g}": EqTransform("equivariance", (float(s), float(s)), 0) for s in scales})
-    return out
-
-
-@torch.no_grad()
-def equivariance_errors(encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
-                        batches: Iterable[torch.Tensor], *, downsample: int,
-                        transforms: dict[str, EqTransform]) -> dict:
-    """Decoder ratio, decoder MSE and latent error (module docstring) per transform, summed over image batches
-    (B, 3, H, W) in [-1, 1]; plus the plain reconstruction RMSE and the means over rotations and over scales."""
-    plain = torch.zeros(2, dtype=torch.float64)  # (sum sq error, count)
-    sums = {name: torch.zeros(4, dtype=torch.float64) for name in transforms}  # dec sq, dec n, lat sq, lat ref sq
-    for x in batches:
-        z = encode(x)  # (B, C, h, w)
-        plain += torch.tensor([(decode(z) - x).double().square().sum(), x.numel()], dtype=torch.float64)
-        for name, t in transforms.items():
-            z_t, x_t = transform_latent_and_image(z, x, t, downsample)  # tau(E(x)), tau(x)
-            dec = (decode(z_t) - x_t).double().square().sum()
-            lat = (encode(x_t) - z_t).double().square().sum()
-            sums[name] += torch.tensor([dec, x_t.numel(), lat, z_t.double().square().sum()], dtype=torch.float64)
-    if plain[1] == 0:
-        raise ValueError("equivariance_errors: no images")
-    rmse = float((plain[0] / plain[1]).sqrt())
-    out: dict = {"recon_rmse": rmse, "transforms": {}}
-    for name, (dec, n, lat, ref) in sums.items():
-        t = transforms[name]
-        mse = float(dec / n)
-        out["transforms"][name] = {"scale": t.scale[0], "rotations": t.rotations, "decoder_mse": mse,
-                                   "decoder_ratio": math.sqrt(mse) / max(rmse, 1e-30),
-                                   "latent_error": float((lat / ref.clamp_min(1e-300)).sqrt())}
-    for group, members in (("rotation", [n for n, t in transforms.items() if t.rotations]),
-                           ("scale", [n for n, t in transforms.items() if not t.rotations])):
-        if members:
-            out[f"{group}_mean"] = {key: float(np.mean([out["transforms"][m][key] for m in members]))
-                                    for key in ("decoder_mse", "decoder_ratio", "latent_error")}
     return out
 
 

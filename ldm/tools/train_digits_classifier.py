@@ -1,4 +1,4 @@
-"""Train the digits classifier whose penultimate features define FD_digits (see ldm/eval/digits_classifier.py).
+"""Train the digits classifier whose penultimate features define FD_digits (see ldm/encoders/digits.py).
 
     python -m ldm.tools.train_digits_classifier            # rewrites ldm/assets/digits_classifier.safetensors
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.eval.digits_classifier import (
+from ldm.encoders.digits import (
     DEFAULT_WEIGHTS,
     DigitsClassifier,
     digits_split,

@@ -1,4 +1,8 @@
-"""A small CNN classifier of scikit-learn's handwritten digits: the offline feature space for the quickstart's FD.
+"""A small CNN classifier of scikit-learn's handwritten digits: the offline frozen network of the embedded digits.
+
+Two views of it serve the layers above: its penultimate features are the feature space of the quickstart's FD
+(`ldm.eval.extractors`, "digits"), and its conv trunk is a patch-feature encoder, the offline stand-in for DINOv2 in
+VA-VAE and the latent diagnostics (`ldm.encoders.build_encoder("digits")`, `DigitsPatchFeatures`).
 
 Inception FID needs weights that are not always at hand (no internet). For the embedded digits the quickstart reports
 FD_digits instead: the Fréchet distance between Gaussians fitted to this classifier's penultimate features (64-d),
@@ -24,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DIGITS_SIZE = 32
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
 
 
 def preprocess_digits(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +65,33 @@ class DigitsClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes)
+
+
+class DigitsFeatures(nn.Module):
+    """The classifier's penultimate features as a forward pass: (B, 1, 32, 32) in [-1, 1] -> (B, feature_dim), the
+    feature space of FD_digits. The classifier sits under `classifier`: the extractor's cache key hashes the
+    parameter names, so the attribute name is part of the reference-statistics identity."""
+
+    def __init__(self, classifier: DigitsClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x)  # (B, feature_dim)
+
+
+class DigitsPatchFeatures(nn.Module):
+    """The classifier's conv trunk as a patch-feature network: images in [0, 1] (B, 3, 32, 32) -> grey in [-1, 1] ->
+    trunk (B, 4w, 8, 8) -> tokens (B, 64, 4w). Supervised on the digit classes, not self-supervised, and 8 x 8 px
+    per token; `ldm.encoders.build_encoder("digits")` wraps it in a FrozenEncoder."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean(dim=1, keepdim=True) * 2 - 1  # (B, 1, 32, 32)
+        return self.body(g).flatten(2).transpose(1, 2)  # (B, 64, 4w)
 
 
 def digits_split(image_size: int = DIGITS_SIZE, test_fraction: float = 0.2,

@@ -1,4 +1,9 @@
-"""Frozen vision encoders (DINOv2, MAE) that give patch features, shared by VA-VAE and REPA.
+"""Frozen vision networks: THE registry (DINOv2, MAE and the shipped digits classifier), shared by VA-VAE, REPA, the
+latent diagnostics and eval's feature extractors.
+
+Names: the ViTs of `ENCODERS` and `DIGITS_ENCODER` ("digits", ldm/encoders/digits.py); ldm.names.ENCODER_NAMES lists
+them for the config. Networks load through `load_vit` / `load_digits_classifier`; `build_encoder` wraps either as a
+`FrozenEncoder` of patch tokens, and ldm.eval.extractors wraps the same loaders as image-level feature extractors.
 
 Architectures come from timm, as LightningDiT (vavae/ldm/models/foundation_models.py) and REPA (utils.py
 `load_encoders`) use them; weights are read from a local file, never downloaded. `FrozenEncoder` also wraps any
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -29,10 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.encoders.digits import DIGITS_SIZE, DigitsPatchFeatures, load_digits_classifier
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DIGITS_ENCODER = "digits"  # the shipped digits classifier's trunk (ldm/encoders/digits.py), beside the ViTs below
 
 # name: (timm architecture, timm pretrained tag, official file name, official URL directory, default resolution)
 ENCODERS = {
@@ -104,6 +114,37 @@ class FrozenEncoder(nn.Module):
         return tokens.float()
 
 
+def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Patch tokens (B, L, D) -> feature map (B, D, gh, gw); a square grid is assumed when `grid` is None."""
+    b, n, d = tokens.shape
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"foundation encoder returned {n} patch tokens, not a square grid; give its grid size")
+        grid = (side, side)
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"foundation encoder returned {n} tokens, which do not fill its grid {tuple(grid)}")
+    return tokens.transpose(1, 2).reshape(b, d, grid[0], grid[1])
+
+
+@torch.no_grad()
+def features_at_grid(encoder: nn.Module, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A frozen encoder's patch tokens as a feature map resized (bilinear) to `grid`, e.g. a latent grid:
+    (B, 3, H, W) in [-1, 1] -> (B, D, h, w). The token grid is the encoder's `grid_size` (an int or (gh, gw)) when
+    it fits the token count, else a square one (an encoder that adapted its grid to the input size). VA-VAE's aligner
+    and the latent diagnostics compare latents with these features."""
+    tokens = encoder(images).float()  # (B, L, D)
+    token_grid = getattr(encoder, "grid_size", None)
+    if token_grid is not None:
+        token_grid = (token_grid, token_grid) if isinstance(token_grid, int) else tuple(token_grid)
+        if token_grid[0] * token_grid[1] != tokens.shape[1]:
+            token_grid = None
+    f = tokens_to_grid(tokens, token_grid)  # (B, D, gh, gw)
+    if tuple(f.shape[-2:]) != tuple(grid):
+        f = F.interpolate(f, size=tuple(grid), mode="bilinear", align_corners=False)
+    return f
+
+
 def _hf_cache() -> Path:
     if "HF_HUB_CACHE" in os.environ:
         return Path(os.environ["HF_HUB_CACHE"])
@@ -150,21 +191,19 @@ def load_vit_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
 
 
-DIGITS_ENCODER = "digits"
+def load_vit(name: str, weights_path: str | Path | None = None, *, image_size: int | None = None) -> nn.Module:
+    """The timm ViT of a named `ENCODERS` entry at `image_size` (default: the entry's resolution), without a
+    classifier head, with the weights `find_weights` locates loaded strictly. Not frozen: the wrappers do that."""
+    import timm
 
-
-class DigitsPatchFeatures(nn.Module):
-    """The trunk of the shipped digits classifier (ldm.eval.digits_classifier) as a patch-feature network: images in
-    [0, 1] (B, 3, 32, 32) -> grey in [-1, 1] -> conv trunk (B, 4w, 8, 8) -> tokens (B, 64, 4w). The offline stand-in
-    for DINOv2 on the digits: supervised on the digit classes, not self-supervised, and 8 x 8 px per token."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.mean(dim=1, keepdim=True) * 2 - 1  # (B, 1, 32, 32)
-        return self.body(g).flatten(2).transpose(1, 2)  # (B, 64, 4w)
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected {DIGITS_ENCODER!r} or one of {sorted(ENCODERS)}")
+    arch, _, _, _, default_size = ENCODERS[name]
+    path = find_weights(name, weights_path)  # fail before building a large model
+    model = timm.create_model(arch, pretrained=False, img_size=image_size or default_size, num_classes=0)
+    load_vit_weights(model, path)
+    logger.info("loaded encoder %s (%s) from %s", name, arch, path)
+    return model
 
 
 def build_encoder(
@@ -181,22 +220,12 @@ def build_encoder(
     preprocessing is fixed (32 px, bilinear, no ImageNet normalisation) and `weights_path` may name another
     classifier file."""
     if name == DIGITS_ENCODER:
-        from ldm.eval.digits_classifier import DIGITS_SIZE, load_digits_classifier
-
         net = load_digits_classifier(weights_path)
         return FrozenEncoder(DigitsPatchFeatures(net.body), image_size=DIGITS_SIZE, patch_size=4,
                              feature_dim=4 * net.config["width"], normalize=False, resize_mode="bilinear")
-    import timm
-
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; expected {DIGITS_ENCODER!r} or one of {sorted(ENCODERS)}")
-    arch, _, _, _, default_size = ENCODERS[name]
-    path = find_weights(name, weights_path)  # fail before building a large model
-    image_size = image_size or default_size
-    model = timm.create_model(arch, pretrained=False, img_size=image_size, num_classes=0)
-    load_vit_weights(model, path)
-    logger.info("loaded encoder %s (%s) from %s", name, arch, path)
+    model = load_vit(name, weights_path, image_size=image_size)
     return FrozenEncoder(
-        model, image_size=image_size, patch_size=model.patch_embed.patch_size[0], feature_dim=model.embed_dim,
-        num_prefix_tokens=model.num_prefix_tokens, normalize=normalize, resize_mode=resize_mode,
+        model, image_size=image_size or ENCODERS[name][4], patch_size=model.patch_embed.patch_size[0],
+        feature_dim=model.embed_dim, num_prefix_tokens=model.num_prefix_tokens, normalize=normalize,
+        resize_mode=resize_mode,
     )
