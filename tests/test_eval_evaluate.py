@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import shared_file
 
-from ldm.eval import commands
-from ldm.eval.digits_classifier import digits_split
+from ldm.cli import eval as commands
+from ldm.encoders.digits import digits_split
 from ldm.eval.evaluate import (
     evaluate_pairs,
     evaluate_reconstruction,
@@ -190,3 +190,26 @@ def test_cli_rfid_runs_a_tokenizer(digits_npz, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # an untrained VAE reconstructs badly: a large rFD and a low PSNR, all finite
     assert printed["num_images"] == 24 and printed["rfd_digits"] > 1.0 and 0 < printed["psnr"] < 25
+
+
+def test_cli_eval_keys_are_the_flags(digits_npz, capsys):
+    from ldm.config import EvalCfg
+
+    test, train = digits_npz
+    common = ["eval", "fid", "--samples", str(test), "--metrics", "fd", "--device", "cpu", "--no-progress",
+              "--no-cache"]
+    flags = parser().parse_args([*common, "--ref", str(train), "--extractor", "digits", "--batch-size", "32",
+                                 "--num-samples", "40"])
+    keys = parser().parse_args([*common, f"eval.reference={train}", "eval.extractor=digits", "eval.batch_size=32",
+                                "eval.num_samples=40"])
+    resolved = [a.key_flags.resolve(a, a.config, base=EvalCfg()) for a in (flags, keys)]
+    assert resolved[0] == resolved[1] and resolved[0][0].batch_size == 32 and resolved[0][0].extractor == "digits"
+    assert flags.func(flags) == 0 and keys.func(keys) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    assert first["fd_digits"] == second["fd_digits"] and first["num_samples"] == second["num_samples"] == 40
+    bad = parser().parse_args([*common, "--ref", "digits", "eval.extractr=digits"])
+    assert bad.func(bad) == 2
+    assert "did you mean 'eval.extractor'" in capsys.readouterr().err
+    noref = parser().parse_args([*common, "--extractor", "digits"])
+    assert noref.func(noref) == 2
+    assert "--ref (eval.reference)" in capsys.readouterr().err

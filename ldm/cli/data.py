@@ -1,20 +1,18 @@
 """`ldm cache-latents`: encode a dataset once with a frozen tokenizer into a latent cache (see ldm.data.latents).
 
-Only argparse is imported at module level, so `ldm --help` stays instant; torch and the tokenizer load in the command.
+Only argparse and the config are imported at module level, so `ldm --help` stays instant; torch and the tokenizer
+load in the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
+from ldm.cli.common import add_command, add_progress_flag
+from ldm.config import DataCfg
 
 DESCRIPTION = """\
 Encode every image of a data source once with a frozen tokenizer and store the latents (and labels) as sharded,
@@ -46,11 +44,9 @@ DTYPES = ("float32", "float16")
 
 
 def register(subparsers) -> None:
-    from ldm.config import DataCfg
-
     defaults = DataCfg()
-    p = subparsers.add_parser("cache-latents", formatter_class=_Formatter, description=DESCRIPTION,
-                              help="encode a dataset once with a frozen tokenizer into a sharded latent cache")
+    p = add_command(subparsers, "cache-latents", cmd_cache_latents, description=DESCRIPTION,
+                    help="encode a dataset once with a frozen tokenizer into a sharded latent cache")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="tokenizer: ldm tokenizer run or checkpoint directory, export folder, or a diffusers "
                         "AutoencoderKL folder (config.json + weights)")
@@ -71,8 +67,7 @@ def register(subparsers) -> None:
                    help="DataLoader worker processes decoding images")
     p.add_argument("--on-error", choices=("skip", "raise"), default=defaults.on_error,
                    help="bad image files: replace by the next good image with a warning (as in training), or stop")
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    p.set_defaults(func=cmd_cache_latents)
+    add_progress_flag(p)
 
 
 def _disk_size(out: Path) -> int:
@@ -80,15 +75,7 @@ def _disk_size(out: Path) -> int:
 
 
 def cmd_cache_latents(args: argparse.Namespace) -> int:
-    """Bad arguments, data or a conflicting cache print one error line (exit status 2), never a traceback."""
-    try:
-        return _cache_latents(args)
-    except ValueError as err:
-        print(f"ldm cache-latents: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _cache_latents(args: argparse.Namespace) -> int:
+    """Bad arguments, data or a conflicting cache raise ValueError: the error mapper prints one line, exit 2."""
     from accelerate import PartialState
 
     from ldm.data.latents import build_latent_cache
