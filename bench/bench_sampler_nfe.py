@@ -28,7 +28,7 @@ import torch
 from ldm.eval.evaluate import evaluate_batches, metric_key, reference_stats
 from ldm.eval.extractors import build_extractor
 from ldm.eval.generate import generate_batch, labels_for, parse_classes
-from ldm.train.generator_task import load_generator
+from ldm.eval.generator import load_generator
 
 
 def steps_for(sampler: str, nfe: int) -> int:

@@ -105,7 +105,7 @@ def run_generator(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
 
 def run_sample(cfg: PipelineCfg, gen_cfg: RunConfig, progress: bool) -> dict:
     from ldm.eval.generate import write_samples
-    from ldm.train.generator_task import load_generator
+    from ldm.eval.generator import load_generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = load_generator(gen_cfg.run_dir, device=device)

@@ -1,12 +1,16 @@
 """Stage 2 through the shared loop: learning works (flow matching, eps-prediction, UNet, REPA), samples decode,
 latent normalisation is stored in the checkpoint and restored for sampling, bad inputs are refused."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from ldm.config import load_config
 from ldm.diffusion.objectives import training_loss
-from ldm.train.generator_task import LatentNormalizer, build_generator_task, load_generator
+from ldm.eval.generator import load_generator
+from ldm.tokenizers.stats import LatentNormalizer
+from ldm.train.generator_task import build_generator_task
 from ldm.train.loop import fit
 
 
@@ -157,3 +161,19 @@ def test_generator_stage_needs_a_tokenizer(tmp_path):
     cfg = load_config(None, ["name=g", f"train.run_root={tmp_path}"])
     with pytest.raises(ValueError, match="needs a frozen tokenizer"):
         build_generator_task(cfg)
+
+
+def test_generators_dict_and_frozen_tokenizer_outside_the_state(tmp_path, vae_dir):
+    """GENERATORS builds each arch from ModelCfg; the task's state is network + normaliser (tokenizer held frozen);
+    the normaliser takes diffusion.scaling_factor first, then the tokenizer's numbers."""
+    from ldm.models import GENERATORS, build_generator_model
+
+    cfg = _cfg(tmp_path, vae_dir, "diffusion.latent_norm=scalar", "diffusion.scaling_factor=0.5")
+    for arch in GENERATORS:
+        model_cfg = dataclasses.replace(cfg.model, arch=arch, unet_block_out_channels=[16, 32])
+        net = build_generator_model(model_cfg, latent_channels=4, latent_size=8, num_classes=3)
+        assert net(torch.zeros(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])).shape == (2, 4, 8, 8)
+    task, _ = build_generator_task(cfg)
+    assert {k.split(".")[0] for k in task.state_dict()} == {"model", "normalizer"}
+    assert float(task.normalizer.scale) == 0.5 and task.tokenizer is task.generator().tokenizer
+    assert not any(p is q for p in task.parameters() for q in task.tokenizer.parameters())

@@ -224,7 +224,7 @@ def test_killed_run_continues_to_the_same_files(cache, tok, npz, tmp_path, monke
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_help_and_choices(capsys):
     from ldm.cli import build_parser
-    from ldm.data import latent_commands
+    from ldm.cli import data as latent_commands
 
     assert latent_commands.CROPS == CACHE_CROPS and latent_commands.DTYPES == DTYPES
     with pytest.raises(SystemExit):

@@ -9,6 +9,7 @@ from ldm.models.layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    condition_labels,
     drop_labels,
     modulate,
     rope_2d_angles,
@@ -116,3 +117,17 @@ def test_swiglu_formula_and_width():
     a, b = h[:, :3], h[:, 3:]
     expected = (a * torch.sigmoid(a) * b) @ m.w3.weight.T + m.w3.bias
     torch.testing.assert_close(m(x), expected)
+
+
+def test_condition_labels_null_range_and_unconditional():
+    """The one label convention of DiT and the UNet: None -> null id, ids checked, dropout only when asked."""
+    y = torch.tensor([0, 3, 9])
+    assert torch.equal(condition_labels(None, batch=3, num_classes=10, dropout_prob=0.0), torch.full((3,), 10))
+    assert torch.equal(condition_labels(y, batch=3, num_classes=10, dropout_prob=0.0), y)
+    forced = condition_labels(y, batch=3, num_classes=10, dropout_prob=0.0, force_drop=torch.tensor([1, 0, 1]))
+    assert forced.tolist() == [10, 3, 10]
+    assert condition_labels(None, batch=3, num_classes=0, dropout_prob=0.1) is None
+    with pytest.raises(ValueError, match="UNet is unconditional"):
+        condition_labels(y, batch=3, num_classes=0, dropout_prob=0.0, net="UNet")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        condition_labels(torch.tensor([11]), batch=1, num_classes=10, dropout_prob=0.0)

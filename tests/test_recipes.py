@@ -8,7 +8,7 @@ from conftest import REPO
 
 from ldm.config import load_config
 from ldm.diffusion.guidance import interval_from_sit_time
-from ldm.train.generator_task import build_generator_model
+from ldm.models import build_generator_model
 
 RECIPES = REPO / "configs" / "imagenet256"
 # DiT-XL/2: 675,129,632 in facebookresearch/DiT (pos_embed counted: an nn.Parameter with requires_grad=False there,

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ldm.config import load_config
 from ldm.eval.generate import SAMPLE_CONFIG, labels_for, parse_classes, png_path, write_samples
-from ldm.train.generator_task import load_generator
+from ldm.eval.generator import load_generator
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SAMPLE = str(REPO / "sample.py")
@@ -79,8 +79,8 @@ def test_labels_are_a_function_of_seed_index_and_classes():
 
 
 def test_help_lists_every_sampler():
+    from ldm.cli.sample import SAMPLER_NAMES
     from ldm.diffusion.samplers import SAMPLERS
-    from ldm.eval.sample_commands import SAMPLER_NAMES
 
     assert sorted(SAMPLERS) == list(SAMPLER_NAMES)
     out = run_python([SAMPLE, "--help"]).stdout
@@ -233,7 +233,7 @@ def _official_dit_file(path: Path) -> Path:
 def test_official_dit_weights_sample_through_the_cli(runs, tmp_path):
     from ldm.cli import main
     from ldm.diffusion.paths import DiscretePath
-    from ldm.eval.generate import load_official_generator
+    from ldm.eval.generator import load_official_generator
 
     weights = _official_dit_file(tmp_path / "DiT-tiny.pt")
     gen = load_official_generator("dit", weights, tokenizer=runs / "vae")
@@ -252,3 +252,39 @@ def test_official_dit_weights_sample_through_the_cli(runs, tmp_path):
     assert str(weights.resolve()) in (out / SAMPLE_CONFIG).read_text()
     assert main(["sample", "--official", "dit", "--weights", str(weights), "--no-ema", "--out", str(out)]) == 2
     assert main(["sample", str(runs / "cond"), "--official", "dit", "--weights", str(weights)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+def _identity_of(sample_cfg, seed=0):
+    from types import SimpleNamespace
+
+    from ldm.eval.generate import sample_identity
+
+    gen = SimpleNamespace(checkpoint="ckpt", used_ema=True, tokenizer=SimpleNamespace(fingerprint="f"),
+                          latent_shape=(4, 2, 2))
+    return sample_identity(gen, sample_cfg, seed=seed, classes=[0, 1], label_order="cycle", num=8)
+
+
+def test_identity_is_every_sample_field_but_the_named_ones():
+    from ldm.config import SAMPLE_NON_IDENTITY_FIELDS, SampleCfg
+
+    ident = _identity_of(SampleCfg(cfg_scale=2, steps=4))
+    fields = {f.name for f in dataclasses.fields(SampleCfg)}
+    assert fields - set(SAMPLE_NON_IDENTITY_FIELDS) <= set(ident)
+    assert not (set(SAMPLE_NON_IDENTITY_FIELDS) - {"seed", "use_ema"}) & set(ident)
+    assert ident["cfg_scale"] == 2.0 and isinstance(ident["cfg_scale"], float) and ident["interval"] == [0.0, 1.0]
+
+
+def test_folder_written_before_a_field_existed_reads_it_as_the_default(tmp_path):
+    """A folder whose recorded identity lacks a sample field (added later) was made with that field's default."""
+    from omegaconf import OmegaConf
+
+    from ldm.config import SampleCfg
+    from ldm.eval.generate import check_sample_folder
+
+    old = _identity_of(SampleCfg())
+    del old["eta"]
+    (tmp_path / SAMPLE_CONFIG).write_text(OmegaConf.to_yaml({"identity": old}))
+    check_sample_folder(tmp_path, _identity_of(SampleCfg()))  # same settings: accepted
+    with pytest.raises(FileExistsError, match="eta: 0.0 there, 0.5 now"):
+        check_sample_folder(tmp_path, _identity_of(SampleCfg(eta=0.5)))

@@ -78,10 +78,10 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
     from ldm.encoders import build_encoder
     from ldm.eval.evaluate import evaluate_reconstruction, evaluate_samples
     from ldm.eval.generate import write_samples
+    from ldm.eval.generator import load_generator
     from ldm.eval.latents import diagnose_tokenizer
     from ldm.pipeline import run_pipeline
     from ldm.tokenizers.export import load_tokenizer
-    from ldm.train.generator_task import load_generator
 
     run_dir = cfg.run_dir
     record_file = run_dir / "study.json"

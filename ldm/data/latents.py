@@ -3,8 +3,8 @@
 Layout of a cache directory (shard s holds items [s * shard_size, min((s + 1) * shard_size, count))):
 
     meta.json                 the plan (tokenizer fingerprint, latent shape, count, dtype, flips, data source and its
-                              fingerprint, image size, crop, classes, shard size) and, once complete, the latent
-                              statistics: per-channel mean/std and the scalar scaling factor
+                              fingerprint, image size, crop, classes, shard size) and, once complete, the measured
+                              statistics of the stored latents (a record; see Statistics below)
     shard_00000.latents.npy   (n, C, h, w) float32 | float16: latents of the images
     shard_00000.flips.npy     (n, C, h, w) latents of the horizontally flipped images (with flips only)
     shard_00000.labels.npy    (n,) int64 class labels (0 when the source has none)
@@ -25,11 +25,19 @@ marker comes last), shards are dealt round-robin to the processes of `accelerate
 to rank s mod world), and a re-run skips finished shards, so a killed run continues where it stopped. A shard is
 always encoded in the same batches whatever the number of processes, so 1 and N processes write identical files.
 
-Statistics. LightningDiT (datasets/img_latent_dataset.py `compute_latent_stats`) takes torch.mean / torch.std over
-up to 10,000 random unflipped latents. Here they cover every stored latent (images and flips, the distribution
-training draws from), as float64 sums per shard (`RunningMoments`) merged in shard order, so they depend neither on
-the number of processes nor on a random subset; std is Bessel-corrected (torch.std) and the scaling factor is
-1 / std of all values (LDM `scale_by_std`).
+Statistics. The cache records the statistics of what it holds (meta.json `stats`, a `LatentStats`): a description
+of the cache that `ldm cache-latents` prints and that can be checked against the tokenizer's. Training does NOT
+normalise with them: the one source of the normalisation is the tokenizer's statistics (latent_stats.json beside
+it, ldm/tokenizers/stats.py, tied to its weights by the fingerprint this cache also records), so a generator
+trained from this cache and one trained on images encoded on the fly normalise identically. The cache's numbers
+cover every stored latent (images and flips), as float64 sums per shard (`RunningMoments`) merged in shard order, so
+they depend neither on the number of processes nor on a random subset (LightningDiT datasets/img_latent_dataset.py
+`compute_latent_stats` takes torch.mean / torch.std over up to 10,000 random unflipped latents); std is
+Bessel-corrected (torch.std) and the scaling factor is 1 / std of all values (LDM `scale_by_std`).
+
+`LatentStats` and `RunningMoments` are defined here, at the bottom of the latent contract, because both the cache
+(data) and the tokenizers (which write latent_stats.json, one layer up) record them; ldm/tokenizers/stats.py
+re-exports them with the JSON file format and the normaliser.
 """
 
 from __future__ import annotations
@@ -48,9 +56,59 @@ import numpy as np
 import torch
 
 from ldm.io import fsync_path
-from ldm.tokenizers.stats import LatentStats, RunningMoments
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------ statistics
+@dataclass
+class LatentStats:
+    """Per-channel mean/std and the scalar scaling factor of a set of latents (the latent contract's numbers)."""
+
+    mean: list[float]          # per channel, (C,)
+    std: list[float]           # per channel, (C,)
+    scaling_factor: float      # 1 / std over every latent value
+    num_images: int
+    fingerprint: str = ""      # tokenizer weights these statistics belong to
+    sample_posterior: bool = False
+
+    def mean_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+
+    def std_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+
+
+class RunningMoments:
+    """Float64 sums of z and z^2 per channel (and over everything) for (B, C, h, w) latents."""
+
+    def __init__(self, channels: int):
+        self.n = 0  # values per channel
+        self.s1 = torch.zeros(channels, dtype=torch.float64)
+        self.s2 = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach().to("cpu", torch.float64).transpose(0, 1).flatten(1)  # (C, B*h*w)
+        self.n += z.shape[1]
+        self.s1 += z.sum(1)
+        self.s2 += z.square().sum(1)
+
+    def merge(self, other: "RunningMoments") -> None:
+        self.n += other.n
+        self.s1 += other.s1
+        self.s2 += other.s2
+
+    def result(self, num_images: int, fingerprint: str = "", sample_posterior: bool = False) -> LatentStats:
+        if self.n < 2:
+            raise ValueError("latent statistics need at least two latent values per channel")
+        mean = self.s1 / self.n
+        var = (self.s2 - self.n * mean.square()) / (self.n - 1)
+        total = self.n * len(self.s1)
+        mean_all = self.s1.sum() / total
+        var_all = (self.s2.sum() - total * mean_all ** 2) / (total - 1)
+        return LatentStats(mean=mean.tolist(), std=var.clamp_min(0).sqrt().tolist(),
+                           scaling_factor=float(1.0 / math.sqrt(max(float(var_all), 1e-30))), num_images=num_images,
+                           fingerprint=fingerprint, sample_posterior=sample_posterior)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -80,10 +138,11 @@ class CacheMeta:
     shard_size: int
     num_shards: int
     complete: bool = False
-    stats: dict[str, Any] | None = None     # LatentStats fields, once complete
+    stats: dict[str, Any] | None = None     # LatentStats fields of the stored latents, once complete (a record)
 
     @property
     def latent_stats(self) -> LatentStats | None:
+        """What the cache holds, measured; the generator normalises with the tokenizer's statistics instead."""
         return None if self.stats is None else LatentStats(**self.stats)
 
     def plan(self) -> dict[str, Any]:
@@ -217,10 +276,6 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta.latent_shape)
 
-    @property
-    def stats(self) -> LatentStats:
-        return self.meta.latent_stats
-
     def __getstate__(self) -> dict:  # DataLoader workers re-open the memory maps rather than pickling their data
         state = dict(self.__dict__)
         state["_shards"] = {}
@@ -318,29 +373,10 @@ def _data_settings(data, image_size: int | None, crop: str | None, on_error: str
     return cfg
 
 
-def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int | None = None,
-                       crop: str | None = None, flips: bool | None = None, batch_size: int = 64,
-                       shard_size: int = 4096, dtype: str = "float32", num_workers: int | None = None,
-                       on_error: str | None = None, progress: bool = True) -> CacheMeta:
-    """Encode `data` with the frozen `tokenizer` (`ldm.tokenizers.export.Tokenizer`) into a cache at `out_dir`.
-
-    `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flips` are taken
-    from it) or a source spec ('digits', a folder, archive or .npz) with DataCfg's defaults; keyword arguments that
-    are not None override. Call it from every process of a distributed launch: each encodes its own shards (s mod
-    world == rank), then rank 0 merges the statistics and finalises meta.json. Returns the complete `CacheMeta`.
-    """
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
+def _plan(tokenizer, d, *, flips: bool, dtype: str, shard_size: int):
+    """(CacheMeta without statistics, the ImageDataset to encode) for DataCfg `d`."""
     from ldm.data.images import ImageDataset, open_source
-    from ldm.io import atomic_write_text
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
-    d = _data_settings(data, image_size, crop, on_error)
-    flips = d.hflip if flips is None else flips
     f = tokenizer.downsample
     if d.image_size < 1 or d.image_size % f:
         raise ValueError(f"image_size={d.image_size} is not divisible by the tokenizer's downsampling factor {f}; "
@@ -356,14 +392,87 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
                      dtype=dtype, flips=bool(flips), data_source=d.source, data_fingerprint=source.fingerprint(),
                      image_size=d.image_size, crop=d.crop, num_classes=dataset.num_classes, shard_size=shard_size,
                      num_shards=math.ceil(count / shard_size))
-    out_dir = Path(out_dir)
-    if (out_dir / META_FILE).is_file():  # every process checks (read-only), so a refusal never leaves one waiting
+    return meta, dataset
+
+
+def _refuse_other_plan(out_dir: Path, meta: CacheMeta) -> None:
+    """ValueError when `out_dir` already holds a cache of another plan (read-only: every process checks, so a refusal
+    never leaves one waiting)."""
+    if (out_dir / META_FILE).is_file():
         old = read_cache_meta(out_dir, check_shards=False)
         diff = [f"{k}: cached {old.plan()[k]!r}, now {meta.plan()[k]!r}" for k in PLAN_KEYS
                 if old.plan()[k] != meta.plan()[k]]
         if diff:
             raise ValueError(f"{str(out_dir)!r} already holds a different latent cache ({'; '.join(diff)}); choose "
                              f"another --out directory or delete this one")
+
+
+def _encode_shards(tokenizer, dataset, meta: CacheMeta, out_dir: Path, shards: list[int], *, batch_size: int,
+                   num_workers: int, device, progress: bool, desc: str) -> None:
+    """Encode and commit `shards`, each in batches that never cross a shard boundary and depend only on the shard,
+    so any world size writes the same bytes."""
+    from tqdm.auto import tqdm
+
+    plan = [(s, o, a + o, min(a + o + batch_size, b))  # (shard, offset in it, first item, end item)
+            for s in shards for a, b in [meta.shard_range(s)] for o in range(0, b - a, batch_size)]
+    keys = ([(i, 0) for i in range(first, end)] for _, _, first, end in plan)  # (index, item_seed): no randomness
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=num_workers)
+    bar = tqdm(total=sum(end - first for _, _, first, end in plan), unit="img", dynamic_ncols=True, desc=desc,
+               disable=not progress)
+    writer = None
+    for (s, offset, first, end), batch in zip(plan, loader):
+        if writer is None:
+            writer = _ShardWriter(out_dir, meta, s)
+        x = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
+        z = tokenizer.encode(x)  # (B, C, h, w)
+        if tuple(z.shape[1:]) != tuple(meta.latent_shape):
+            raise ValueError(f"tokenizer {meta.tokenizer_source} returned latents of shape {tuple(z.shape[1:])}, "
+                             f"expected {tuple(meta.latent_shape)} for {meta.image_size} px images")
+        z_flip = tokenizer.encode(torch.flip(x, dims=[-1])) if meta.flips else None
+        writer.put(offset, z, z_flip, batch["label"])
+        bar.update(end - first)
+        if offset + end - first == writer.n:
+            writer.commit()
+            writer = None
+    bar.close()
+
+
+def _finalise(out_dir: Path, meta: CacheMeta) -> None:
+    """Rank 0, after every shard is written: check them all, record the merged statistics, mark meta.json complete."""
+    from ldm.io import atomic_write_text
+
+    for s in range(meta.num_shards):
+        problem = _shard_problem(out_dir, meta, s)
+        if problem is not None:
+            raise RuntimeError(f"shard {s} of {out_dir} is not finished after encoding: {problem}")
+    meta.stats = dataclasses.asdict(_merged_stats(out_dir, meta))
+    meta.complete = True
+    atomic_write_text(out_dir / META_FILE, json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+
+
+def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int | None = None,
+                       crop: str | None = None, flips: bool | None = None, batch_size: int = 64,
+                       shard_size: int = 4096, dtype: str = "float32", num_workers: int | None = None,
+                       on_error: str | None = None, progress: bool = True) -> CacheMeta:
+    """Encode `data` with the frozen `tokenizer` (`ldm.tokenizers.export.Tokenizer`) into a cache at `out_dir`.
+
+    `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flips` are taken
+    from it) or a source spec ('digits', a folder, archive or .npz) with DataCfg's defaults; keyword arguments that
+    are not None override. Call it from every process of a distributed launch: each encodes its own shards (s mod
+    world == rank), then rank 0 merges the statistics and finalises meta.json. Returns the complete `CacheMeta`.
+    """
+    from accelerate import PartialState
+
+    from ldm.io import atomic_write_text
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    d = _data_settings(data, image_size, crop, on_error)
+    meta, dataset = _plan(tokenizer, d, flips=d.hflip if flips is None else flips, dtype=dtype, shard_size=shard_size)
+    out_dir = Path(out_dir)
+    _refuse_other_plan(out_dir, meta)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -376,44 +485,17 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
     skipped = len(range(rank, meta.num_shards, world)) - len(mine)
     if skipped:
         log.info("rank %d: %d finished shard(s) kept, %d to encode", rank, skipped, len(mine))
-    # batches never cross a shard boundary and depend only on the shard, so any world size writes the same bytes
-    plan = [(s, o, a + o, min(a + o + batch_size, b))  # (shard, offset in it, first item, end item)
-            for s in mine for a, b in [meta.shard_range(s)] for o in range(0, b - a, batch_size)]
-    keys = ([(i, 0) for i in range(first, end)] for _, _, first, end in plan)  # (index, item_seed): no randomness
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys,
-                                         num_workers=d.num_workers if num_workers is None else num_workers)
     tokenizer.to(state.device)
-    bar = tqdm(total=sum(end - first for _, _, first, end in plan), unit="img", dynamic_ncols=True,
-               desc=f"cache-latents{f' rank {rank}/{world}' if world > 1 else ''}",
-               disable=not (progress and state.is_main_process))
-    writer = None
-    for (s, offset, first, end), batch in zip(plan, loader):
-        if writer is None:
-            writer = _ShardWriter(out_dir, meta, s)
-        x = batch["image"].to(state.device)  # (B, 3, H, W) in [-1, 1]
-        z = tokenizer.encode(x)  # (B, C, h, w)
-        if tuple(z.shape[1:]) != tuple(meta.latent_shape):
-            raise ValueError(f"tokenizer {meta.tokenizer_source} returned latents of shape {tuple(z.shape[1:])}, "
-                             f"expected {tuple(meta.latent_shape)} for {d.image_size} px images")
-        z_flip = tokenizer.encode(torch.flip(x, dims=[-1])) if meta.flips else None
-        writer.put(offset, z, z_flip, batch["label"])
-        bar.update(end - first)
-        if offset + end - first == writer.n:
-            writer.commit()
-            writer = None
-    bar.close()
+    _encode_shards(tokenizer, dataset, meta, out_dir, mine, batch_size=batch_size, device=state.device,
+                   num_workers=d.num_workers if num_workers is None else num_workers,
+                   progress=progress and state.is_main_process,
+                   desc=f"cache-latents{f' rank {rank}/{world}' if world > 1 else ''}")
     state.wait_for_everyone()
-
     if state.is_main_process:
-        for s in range(meta.num_shards):
-            problem = _shard_problem(out_dir, meta, s)
-            if problem is not None:
-                raise RuntimeError(f"shard {s} of {out_dir} is not finished after encoding: {problem}")
-        meta.stats = dataclasses.asdict(_merged_stats(out_dir, meta))
-        meta.complete = True
-        atomic_write_text(out_dir / META_FILE, json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+        _finalise(out_dir, meta)
     state.wait_for_everyone()
     return read_cache_meta(out_dir)
 
 
-__all__ = ["CacheMeta", "LatentCacheDataset", "build_latent_cache", "read_cache_meta", "shard_files", "META_FILE"]
+__all__ = ["CacheMeta", "LatentCacheDataset", "LatentStats", "RunningMoments", "build_latent_cache", "read_cache_meta",
+           "shard_files", "META_FILE"]

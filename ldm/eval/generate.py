@@ -1,13 +1,9 @@
-"""From a generator network to latents and images: guided denoise functions, per-index seeding, batched sampling.
-
-`sample_latents` is the one place that turns a network `model(x, t, y)` (OUR time: t=0 data, t=1 noise) into a
-sampler call: CFG wrapper (guidance.py) -> prediction conversion (samplers.make_denoiser) -> time grid -> sampler.
-Noise comes from one torch.Generator per sample index (edm2's StackedRandomGenerator idea), so sample i is the same
-for any batch size or process count.
+"""From a `Generator` (ldm/eval/generator.py) to a folder of samples: labels per global index, fixed-shape batches,
+PNG / npz / grid writers and the sample-folder identity.
 
 `write_samples` is `ldm sample`: a folder of PNGs named by global index, sharded over processes, resumable,
 plus grid.png, an ADM-layout samples.npz and sample_config.yaml (what decides the images: checkpoint, EMA, seed,
-classes, sampler settings; a folder never mixes two of them).
+classes, every SampleCfg field but SAMPLE_NON_IDENTITY_FIELDS; a folder never mixes two of them).
 
     out/000000.png ... out/{num-1:06d}.png   sample i: noise from generator hash(seed, i), label labels_for(i)
     out/grid.png                            the first --grid-size samples
@@ -18,7 +14,6 @@ classes, sampler settings; a folder never mixes two of them).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import logging
 import math
@@ -26,8 +21,9 @@ import os
 import re
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path as FsPath
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,60 +31,14 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.diffusion.guidance import classifier_free_guidance
-from ldm.diffusion.paths import DiscretePath, Path
-from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, time_grid
+from ldm.config import SAMPLE_NON_IDENTITY_FIELDS, SampleCfg
+from ldm.diffusion.samplers import get_sampler
 from ldm.eval.features import dist_info
+from ldm.eval.generator import Generator, initial_noise
 from ldm.io import atomic_write_text, git_sha
 from ldm.seeding import derive_seed, index_generators
 
 log = logging.getLogger(__name__)
-
-
-def sampler_times(sample_cfg, path: Path) -> torch.Tensor:
-    """The time grid for `sample_cfg` (steps, time_grid, shift); DDPM paths use DiT's respacing of their T steps and
-    the Euler-Maruyama SDE uses SiT/REPA's grid (uniform from 1 to 0.04, then a final mean step to 0)."""
-    if isinstance(path, DiscretePath):
-        return time_grid(sample_cfg.steps, "respaced", num_timesteps=path.num_timesteps)
-    if sample_cfg.sampler == "euler_maruyama" and sample_cfg.time_grid == "uniform" and sample_cfg.steps >= 2:
-        return time_grid(sample_cfg.steps, "sde")
-    return time_grid(sample_cfg.steps, sample_cfg.time_grid, path=path, shift=sample_cfg.shift)
-
-
-def sampler_kwargs(sampler: Callable, sample_cfg, learned_sigma: bool) -> dict:
-    """Keyword options a sampler accepts, taken from the sample config."""
-    params = inspect.signature(sampler).parameters
-    options = {"eta": sample_cfg.eta, "variance": "learned_range" if learned_sigma else None}
-    return {k: v for k, v in options.items() if k in params and v is not None}
-
-
-@torch.no_grad()
-def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None, *, path: Path, prediction: str,
-                   sample_cfg, num_classes: int, learned_sigma: bool = False,
-                   generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """Integrate from `noise` (B, C, H, W) at t=1 to latents at t=0 with cfg.sample's sampler, steps and guidance.
-
-    `model(x, t, y)` is the generator; y (B,) class ids (None for unconditional). Guidance applies when
-    sample_cfg.cfg_scale != 1 on class-conditional models; stochastic samplers draw from `generators`.
-    """
-    if sample_cfg.cfg_scale != 1.0:
-        if num_classes < 1 or y is None:
-            raise ValueError(f"sample.cfg_scale={sample_cfg.cfg_scale} needs a class-conditional model; this model "
-                             f"is unconditional (use sample.cfg_scale=1)")
-        model_fn = classifier_free_guidance(model, y, num_classes=num_classes, scale=sample_cfg.cfg_scale,
-                                            interval=tuple(sample_cfg.interval), channels=sample_cfg.cfg_channels,
-                                            learned_sigma=learned_sigma)
-    else:
-        model_fn = (lambda x, t: model(x, t, y)) if y is not None else (lambda x, t: model(x, t, None))
-    denoise = make_denoiser(model_fn, path=path, prediction=prediction, learned_sigma=learned_sigma)
-    sampler = get_sampler(sample_cfg.sampler)
-    return sampler(denoise, noise, sampler_times(sample_cfg, path), path=path, generator=generators,
-                   **sampler_kwargs(sampler, sample_cfg, learned_sigma))
-
-
-def initial_noise(shape: Sequence[int], generators: list[torch.Generator], device: torch.device | str) -> torch.Tensor:
-    """x_T ~ N(0, I), one draw per sample from its own generator."""
-    return randn_like(torch.empty(len(generators), *shape, device=device), generators)
 
 
 # ------------------------------------------------------------------------------------------------------ labels
@@ -167,9 +117,9 @@ def _pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_batch(gen, indices: Sequence[int], labels: torch.Tensor | None, *, sample_cfg, seed: int,
-                   batch_size: int, decode_batch: int) -> np.ndarray:
-    """uint8 images (n, H, W, C) of the global sample indices `indices` (n <= batch_size) from a LoadedGenerator.
+def generate_batch(gen: Generator, indices: Sequence[int], labels: torch.Tensor | None, *, sample_cfg: SampleCfg,
+                   seed: int, batch_size: int, decode_batch: int) -> np.ndarray:
+    """uint8 images (n, H, W, C) of the global sample indices `indices` (n <= batch_size) from a Generator.
 
     Every network call sees a FIXED shape: the sampler a batch of `batch_size` rows and the decoder batches of
     `decode_batch` rows, short batches padded by repeating their last sample (with its own generator objects, so the
@@ -180,13 +130,11 @@ def generate_batch(gen, indices: Sequence[int], labels: torch.Tensor | None, *, 
     n = len(indices)
     if not 1 <= n <= batch_size:
         raise ValueError(f"generate_batch got {n} indices for batch_size={batch_size}")
-    device = gen.task.normalizer.mean.device
     padded = list(indices) + [indices[-1]] * (batch_size - n)
     gens = index_generators(seed, padded)
-    noise = initial_noise(gen.latent_shape, gens, device)  # (batch_size, C, h, w)
-    y = None if labels is None else _pad_rows(labels, batch_size).to(device)
-    z = sample_latents(gen.model, noise, y, path=gen.task.path, prediction=gen.task.prediction, sample_cfg=sample_cfg,
-                       num_classes=gen.num_classes, learned_sigma=gen.cfg.model.learn_sigma, generators=gens)[:n]
+    noise = initial_noise(gen.latent_shape, gens, gen.device)  # (batch_size, C, h, w)
+    y = None if labels is None else _pad_rows(labels, batch_size).to(gen.device)
+    z = gen.sample_latents(noise, y, sample_cfg=sample_cfg, generators=gens)[:n]
     images = []
     for s in range(0, n, decode_batch):
         chunk = z[s:s + decode_batch]
@@ -221,15 +169,39 @@ def read_png(path: FsPath) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
-def sample_identity(gen, sample_cfg, *, seed: int, classes: list[int] | None, label_order: str, num: int) -> dict:
-    """Everything that decides what image i looks like. A folder's images all share one identity; --num, --batch,
-    the process count and --decode-batch are left out (they change how many images or how fast, not which)."""
-    s = sample_cfg
+def _identity_value(value: Any, like: Any) -> Any:
+    """`value` as the plain type of the field default `like` (so 2 and 2.0, or a tuple and a list, compare equal)."""
+    if isinstance(like, bool):
+        return bool(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, (list, tuple)):
+        return [_identity_value(v, like[0]) if like else v for v in value]
+    return value
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+IDENTITY_FIELDS = tuple(f for f in dataclasses.fields(SampleCfg) if f.name not in SAMPLE_NON_IDENTITY_FIELDS)
+
+
+def sample_identity(gen: Generator, sample_cfg: SampleCfg, *, seed: int, classes: list[int] | None,
+                    label_order: str, num: int) -> dict:
+    """Everything that decides what image i looks like. A folder's images all share one identity.
+
+    Every SampleCfg field but SAMPLE_NON_IDENTITY_FIELDS (ldm/config.py) is recorded, so a new sampler option joins
+    the identity by being added to SampleCfg; seed and EMA are recorded as used (the `seed` argument, the loaded
+    weights). --num (except for label_order "grid", whose block labels depend on it), --batch, the process count
+    and --decode-batch are left out: they change how many images or how fast, not which."""
     ident = {"checkpoint": str(FsPath(gen.checkpoint).resolve()), "use_ema": bool(gen.used_ema),
-             "tokenizer_fingerprint": gen.task.tokenizer.fingerprint, "latent_shape": list(gen.latent_shape),
-             "seed": int(seed), "classes": classes, "label_order": label_order, "sampler": s.sampler,
-             "steps": int(s.steps), "cfg_scale": float(s.cfg_scale), "interval": [float(v) for v in s.interval],
-             "cfg_channels": s.cfg_channels, "time_grid": s.time_grid, "shift": float(s.shift), "eta": float(s.eta)}
+             "tokenizer_fingerprint": gen.tokenizer.fingerprint, "latent_shape": list(gen.latent_shape),
+             "seed": int(seed), "classes": classes, "label_order": label_order}
+    for f in IDENTITY_FIELDS:
+        ident[f.name] = _identity_value(getattr(sample_cfg, f.name), _field_default(f))
     if label_order == "grid":  # block labels depend on num
         ident["num"] = int(num)
     return ident
@@ -241,11 +213,17 @@ def _plain(data: dict) -> dict:
 
 def check_sample_folder(out: FsPath, identity: dict) -> None:
     """Refuse (FileExistsError, nothing written) when `out` holds samples made with a different identity, or sample
-    files without the sample_config.yaml that says how they were made."""
+    files without the sample_config.yaml that says how they were made.
+
+    A SampleCfg field missing from a folder's recorded identity was added after the folder was written: the folder
+    was made with that field's default (a new option's default keeps the images made before it existed), so it is
+    read as the default."""
     out = FsPath(out)
     config_file = out / SAMPLE_CONFIG
     if config_file.is_file():
-        saved = (OmegaConf.to_container(OmegaConf.load(config_file)) or {}).get("identity") or {}
+        recorded = (OmegaConf.to_container(OmegaConf.load(config_file)) or {}).get("identity") or {}
+        saved = _plain({**{f.name: _identity_value(_field_default(f), _field_default(f)) for f in IDENTITY_FIELDS},
+                        **recorded})
         now = _plain(identity)
         diffs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
                  if saved.get(k) != now.get(k)]
@@ -310,57 +288,57 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-# ------------------------------------------------------------------------------------------------------ official weights
-# How each official family was trained (ldm/models/checkpoints.py converts its network to OUR time) and the sampler
-# of its own sample script: DiT sample.py (DDPM, 250 respaced steps, eps + learned sigma, latents x 0.18215),
-# SiT sample.py (SDE, 250 steps, velocity), LightningDiT inference.py (Euler ODE, 250 steps, per-channel latent
-# mean/std of its VA-VAE with latent_multiplier 1).
-OFFICIAL_SETUPS = {
-    "dit": dict(path="ddpm_linear", prediction="eps", latent_norm="scalar", sampler="ddpm", steps=250),
-    "sit": dict(path="linear", prediction="velocity", latent_norm="scalar", sampler="euler_maruyama", steps=250),
-    "lightningdit": dict(path="linear", prediction="velocity", latent_norm="channel", sampler="euler", steps=250),
-}
-
-
-def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str | FsPath | None,
-                            device: str | torch.device = "cpu"):
-    """A LoadedGenerator from an official DiT / SiT / LightningDiT weights file and the tokenizer it was trained with
-    (a diffusers AutoencoderKL folder: sd-vae-ft-ema for DiT/SiT, whose config gives the 0.18215 factor; a VA-VAE
-    export with its latent statistics for LightningDiT). The released files hold EMA weights (training checkpoints:
-    their "ema" entry), so used_ema is True."""
-    from ldm.config import DiffusionCfg, ModelCfg, RunConfig, SampleCfg, TokenizerCfg
-    from ldm.models.checkpoints import load_official
-    from ldm.tokenizers.export import load_tokenizer
-    from ldm.train.generator_task import GeneratorTask, LoadedGenerator, normalizer_for
-
-    if kind not in OFFICIAL_SETUPS:
-        raise ValueError(f"--official={kind!r}; expected one of {sorted(OFFICIAL_SETUPS)}")
-    if tokenizer is None:
-        raise ValueError(f"--official {kind} needs --tokenizer FOLDER: the VAE its latents come from (diffusers "
-                         f"AutoencoderKL folder or ldm tokenizer export)")
-    setup = OFFICIAL_SETUPS[kind]
-    model = load_official(weights, kind)
-    tok = load_tokenizer(tokenizer)
-    if tok.latent_channels != model.in_channels:
-        raise ValueError(f"--tokenizer {tokenizer} has {tok.latent_channels} latent channels; the {kind} weights "
-                         f"{weights} take {model.in_channels}")
-    cfg = RunConfig(name=f"official-{kind}", tokenizer=TokenizerCfg(pretrained=str(tokenizer)),
-                    model=ModelCfg(learn_sigma=model.learn_sigma),
-                    diffusion=DiffusionCfg(path=setup["path"], prediction=setup["prediction"],
-                                           latent_norm=setup["latent_norm"]),
-                    sample=SampleCfg(sampler=setup["sampler"], steps=setup["steps"]))
-    latent_shape = (model.in_channels, model.input_size, model.input_size)
-    task = GeneratorTask(cfg, model, tok, normalizer_for(cfg, tok), model.num_classes, latent_shape)
-    task.to(device).eval()
-    return LoadedGenerator(task=task, cfg=cfg, checkpoint=FsPath(weights), used_ema=True)
-
-
 # ------------------------------------------------------------------------------------------------------ the writer
-def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
-                  label_order: str = "cycle", seed: int | None = None, sample_cfg=None, batch_size: int | None = None,
-                  decode_batch: int = 8, grid: bool = True, grid_size: int = 64, npz: bool = True,
-                  progress: bool = True) -> dict[str, Any]:
-    """Write samples 0 .. num-1 of a LoadedGenerator to `out` as PNGs (+ grid.png, samples.npz, sample_config.yaml).
+def _check_request(gen: Generator, sample_cfg: SampleCfg, *, num: int, seed: int, batch_size: int,
+                   decode_batch: int, grid_size: int, classes, label_order: str):
+    """Validate a write_samples request before anything is written: (run config recorded in the folder, class ids)."""
+    from ldm.config import validate
+
+    for key, value in (("--num", num), ("--batch", batch_size), ("--decode-batch", decode_batch),
+                       ("--grid-size", grid_size)):
+        if int(value) < 1:
+            raise ValueError(f"{key}={value}; expected a positive integer")
+    run_cfg = dataclasses.replace(gen.cfg, sample=dataclasses.replace(sample_cfg, seed=seed, num=num,
+                                                                      batch_size=min(batch_size, num)))
+    validate(run_cfg)  # ConfigError naming sample.<key>
+    get_sampler(sample_cfg.sampler)
+    if sample_cfg.cfg_scale != 1.0 and gen.num_classes < 1:
+        raise ValueError(f"--cfg (sample.cfg_scale={sample_cfg.cfg_scale}): classifier-free guidance needs a class-"
+                         f"conditional model, and {gen.checkpoint} is unconditional (num_classes=0); use --cfg 1")
+    class_ids = parse_classes(classes, gen.num_classes)
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"--label-order={label_order!r}; expected one of {list(LABEL_ORDERS)}")
+    return run_cfg, class_ids
+
+
+def _start_folder(out: FsPath, record: dict) -> FsPath:
+    """Create `out`, drop temporaries of a killed run, write sample_config.yaml (process 0 only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    atomic_write_text(out / SAMPLE_CONFIG, OmegaConf.to_yaml(OmegaConf.create(_plain(record))))
+    return out / SAMPLE_CONFIG
+
+
+def _finish_folder(out: FsPath, result: dict, *, num: int, classes: list[int] | None, seed: int, label_order: str,
+                   grid: bool, grid_size: int, npz: bool) -> None:
+    """Process 0, after every process finished: check no PNG is missing, then samples.npz and grid.png."""
+    missing = [i for i in range(num) if not png_path(out, i).is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples are missing after sampling (first: {png_path(out, missing[0])})"
+                           f"; run the same command again to fill them in")
+    if npz:
+        result["npz"] = write_npz(out, num, labels_for(range(num), classes, seed=seed, order=label_order, num=num))
+    if grid:
+        count = min(grid_size, num)
+        result["grid"] = write_grid(out, count, _grid_columns(count, classes, label_order, num))
+
+
+def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
+                  label_order: str = "cycle", seed: int | None = None, sample_cfg: SampleCfg | None = None,
+                  batch_size: int | None = None, decode_batch: int = 8, grid: bool = True, grid_size: int = 64,
+                  npz: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Write samples 0 .. num-1 of a Generator to `out` as PNGs (+ grid.png, samples.npz, sample_config.yaml).
 
     sample_cfg (default gen.cfg.sample) gives sampler, steps, guidance and time grid; seed defaults to its seed.
     Sharded over the processes of torch.distributed (torchrun / accelerate launch): the indices still missing are
@@ -372,41 +350,29 @@ def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[i
     """
     from tqdm.auto import tqdm
 
-    from ldm.config import as_container, validate
+    from ldm.config import as_container
 
+    if gen.cfg is None:
+        raise ValueError("write_samples needs a loaded generator (load_generator / load_official_generator): a sample "
+                         "folder records the run config, and this generator carries none")
     sample_cfg = gen.cfg.sample if sample_cfg is None else sample_cfg
     seed = sample_cfg.seed if seed is None else int(seed)
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size
-    for key, value in (("--num", num), ("--batch", batch_size), ("--decode-batch", decode_batch),
-                       ("--grid-size", grid_size)):
-        if int(value) < 1:
-            raise ValueError(f"{key}={value}; expected a positive integer")
-    batch_size = min(batch_size, num)  # a function of (--batch, --num) only: the same on any process count / resume
-    run_cfg = dataclasses.replace(gen.cfg, sample=dataclasses.replace(sample_cfg, seed=seed, num=num,
-                                                                      batch_size=batch_size))
-    validate(run_cfg)  # ConfigError naming sample.<key>
-    get_sampler(sample_cfg.sampler)
-    if sample_cfg.cfg_scale != 1.0 and gen.num_classes < 1:
-        raise ValueError(f"--cfg (sample.cfg_scale={sample_cfg.cfg_scale}): classifier-free guidance needs a class-"
-                         f"conditional model, and {gen.checkpoint} is unconditional (num_classes=0); use --cfg 1")
-    classes = parse_classes(classes, gen.num_classes)
-    if label_order not in LABEL_ORDERS:
-        raise ValueError(f"--label-order={label_order!r}; expected one of {list(LABEL_ORDERS)}")
+    run_cfg, classes = _check_request(gen, sample_cfg, num=num, seed=seed, batch_size=batch_size,
+                                      decode_batch=decode_batch, grid_size=grid_size, classes=classes,
+                                      label_order=label_order)
+    batch_size = run_cfg.sample.batch_size  # min(--batch, --num): the same on any process count / resume
 
     out = FsPath(out)
     rank, world = dist_info()
     identity = sample_identity(gen, sample_cfg, seed=seed, classes=classes, label_order=label_order, num=num)
     check_sample_folder(out, identity)  # every process checks (read-only) so all fail together
     _barrier(world)
-    config_file = out / SAMPLE_CONFIG
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp-*"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        record = {"identity": identity, "num": num, "batch_size": batch_size, "decode_batch": decode_batch,
-                  "processes": world, "files": "NNNNNN.png by global index" + (f", {NPZ_NAME}" if npz else ""),
-                  "git_sha": git_sha(), "run_config": as_container(run_cfg)}
-        atomic_write_text(config_file, OmegaConf.to_yaml(OmegaConf.create(_plain(record))))
+        files = "NNNNNN.png by global index" + (f", {NPZ_NAME}" if npz else "")
+        _start_folder(out, {"identity": identity, "num": num, "batch_size": batch_size, "decode_batch": decode_batch,
+                            "processes": world, "files": files, "git_sha": git_sha(),
+                            "run_config": as_container(run_cfg)})
     _barrier(world)
 
     todo = [i for i in range(num) if not png_path(out, i).is_file()]
@@ -429,18 +395,10 @@ def write_samples(gen, out: str | FsPath, *, num: int, classes: str | Sequence[i
     _barrier(world)
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {"out": out, "num": num, "written": len(todo), "skipped": num - len(todo),
-                              "grid": None, "npz": None, "config": config_file, "seconds": seconds,
+                              "grid": None, "npz": None, "config": out / SAMPLE_CONFIG, "seconds": seconds,
                               "images_per_s": len(todo) / seconds if todo and seconds > 0 else None,
                               "processes": world}
     if rank == 0:
-        missing = [i for i in range(num) if not png_path(out, i).is_file()]
-        if missing:
-            raise RuntimeError(f"{len(missing)} samples are missing after sampling (first: {png_path(out, missing[0])})"
-                               f"; run the same command again to fill them in")
-        if npz:
-            result["npz"] = write_npz(out, num, labels_for(range(num), classes, seed=seed, order=label_order,
-                                                           num=num))
-        if grid:
-            count = min(grid_size, num)
-            result["grid"] = write_grid(out, count, _grid_columns(count, classes, label_order, num))
+        _finish_folder(out, result, num=num, classes=classes, seed=seed, label_order=label_order, grid=grid,
+                       grid_size=grid_size, npz=npz)
     return result

@@ -45,7 +45,8 @@ from ldm.models.layers import (
     TimestepEmbedder,
     apply_rope,
     check_generator_inputs,
-    drop_labels,
+    check_label_settings,
+    condition_labels,
     modulate,
     rope_2d_angles,
     sincos_pos_embed_2d,
@@ -167,10 +168,7 @@ class DiT(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes}; expected >= 0 (0 = unconditional)")
-        if not 0.0 <= class_dropout_prob <= 1.0:
-            raise ValueError(f"class_dropout_prob={class_dropout_prob}; expected a probability in [0, 1]")
+        check_label_settings(num_classes, class_dropout_prob)
         if repa_depth is not None and not 1 <= repa_depth <= depth:
             raise ValueError(f"repa_depth={repa_depth}; expected a block index in [1, depth={depth}]")
         if attn_backend not in ATTENTION_BACKENDS:
@@ -248,17 +246,10 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """c = emb(t_shift + t_scale t) + emb(y after label dropout); t (B,), y (B,) or None -> (B, D)."""
         c = self.t_embedder(self.t_shift + self.t_scale * t)  # (B, D)
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("this DiT is unconditional (num_classes=0) but labels y were given")
-            return c
-        if y is None:
-            y = torch.full_like(t, self.num_classes, dtype=torch.long)
-        elif y.min() < 0 or y.max() > self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null); "
-                             f"got [{int(y.min())}, {int(y.max())}]")
-        y = drop_labels(y, self.num_classes, self.class_dropout_prob if self.training else 0.0, force_drop, generator)
-        return c + self.y_embedder(y)  # (B, D)
+        y = condition_labels(y, batch=t.shape[0], num_classes=self.num_classes, force_drop=force_drop,
+                             dropout_prob=self.class_dropout_prob if self.training else 0.0, generator=generator,
+                             device=t.device, net="DiT")  # (B,) or None
+        return c if y is None else c + self.y_embedder(y)  # (B, D)
 
     def forward(
         self,

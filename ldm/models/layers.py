@@ -1,7 +1,7 @@
 """Building blocks shared by the generator networks (DiT, LightningDiT, the UNet adapter).
 
-Pure functions first (adaLN modulation, sinusoidal embeddings, 2-D RoPE, label dropout), then the small modules
-built on them (timestep / label embedders, RMSNorm, the GELU and SwiGLU feed-forward nets).
+Pure functions first (adaLN modulation, sinusoidal embeddings, 2-D RoPE, label dropout and the label convention),
+then the small modules built on them (timestep / label embedders, RMSNorm, the GELU and SwiGLU feed-forward nets).
 
 Sources (facts and formulas only; the code is ours):
 - adaLN(-Zero), timestep and label embedders, 2-D sin-cos position embedding: Peebles & Xie 2023, "Scalable Diffusion
@@ -126,6 +126,45 @@ def drop_labels(
     else:
         return y
     return torch.where(drop, torch.full_like(y, null_id), y)
+
+
+def check_label_settings(num_classes: int, class_dropout_prob: float) -> None:
+    """Constructor check shared by the generators: num_classes >= 0 (0 = unconditional), dropout a probability."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes={num_classes}; expected >= 0 (0 = unconditional)")
+    if not 0.0 <= class_dropout_prob <= 1.0:
+        raise ValueError(f"class_dropout_prob={class_dropout_prob}; expected a probability in [0, 1]")
+
+
+def condition_labels(
+    y: torch.Tensor | None,
+    *,
+    batch: int,
+    num_classes: int,
+    dropout_prob: float,
+    force_drop: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    net: str = "generator",
+) -> torch.Tensor | None:
+    """The label ids a generator embeds, one convention for DiT and the UNet adapter (DiT `LabelEmbedder`).
+
+    Ids 0..num_classes-1 are classes and id num_classes is the null label of classifier-free guidance (the embedding
+    table has num_classes + 1 rows). y=None means every row is null. Labels then go through `drop_labels` with
+    `dropout_prob` (pass 0 outside training; null rows draw their dropout too, so the RNG stream does not depend on
+    whether labels were given). Unconditional nets (num_classes=0) take no labels and get None.
+    y: (B,) long or None -> (B,) long or None. `net` names the network in error messages.
+    """
+    if num_classes == 0:
+        if y is not None:
+            raise ValueError(f"this {net} is unconditional (num_classes=0) but labels y were given")
+        return None
+    if y is None:
+        y = torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    elif y.min() < 0 or y.max() > num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}] ({num_classes} = null); "
+                         f"got [{int(y.min())}, {int(y.max())}]")
+    return drop_labels(y, num_classes, dropout_prob, force_drop, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------

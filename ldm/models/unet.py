@@ -3,8 +3,8 @@
 The network is diffusers' ADM-style UNet (Ho et al. 2020, arXiv:2006.11239; Dhariwal & Nichol 2021,
 arXiv:2105.05233): ResNet blocks with timestep-embedding injection, self-attention at the lower resolutions, skip
 connections. Class conditioning uses its class embedding table, added to the timestep embedding; the table has
-num_classes + 1 rows, the last (id num_classes) being the null label for classifier-free guidance, exactly as in
-ldm/models/dit.py.
+num_classes + 1 rows, the last (id num_classes) being the null label for classifier-free guidance; the label
+convention (null label, dropout, checks) is `layers.condition_labels`, shared with ldm/models/dit.py.
 
 Interface (shared with `DiT`): `forward(x, t, y, *, return_hidden=False, force_drop=None, generator=None)`, t (B,) in
 [0, 1] in our convention (0 data, 1 noise). diffusers' sinusoidal timestep projection receives
@@ -22,7 +22,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ldm.models.layers import GeneratorOutput, check_generator_inputs, drop_labels
+from ldm.models.layers import GeneratorOutput, check_generator_inputs, check_label_settings, condition_labels
 
 
 class UNetGenerator(nn.Module):
@@ -54,10 +54,7 @@ class UNetGenerator(nn.Module):
             raise ValueError(f"input_size={input_size} is not divisible by 2**(levels-1)={2 ** (levels - 1)}")
         if bad := [c for c in block_out_channels if c % norm_num_groups]:
             raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups={norm_num_groups}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes}; expected >= 0 (0 = unconditional)")
-        if not 0.0 <= class_dropout_prob <= 1.0:
-            raise ValueError(f"class_dropout_prob={class_dropout_prob}; expected a probability in [0, 1]")
+        check_label_settings(num_classes, class_dropout_prob)
         self.input_size, self.in_channels, self.learn_sigma = input_size, in_channels, learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
@@ -90,17 +87,9 @@ class UNetGenerator(nn.Module):
         """x (B, C, H, W), t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None (= null label)."""
         B = x.shape[0]
         t = check_generator_inputs(x, t, self.in_channels, self.input_size)  # (B,)
-        if self.num_classes == 0:
-            if y is not None:
-                raise ValueError("this UNet is unconditional (num_classes=0) but labels y were given")
-        else:
-            if y is None:
-                y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
-            elif y.min() < 0 or y.max() > self.num_classes:
-                raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null); "
-                                 f"got [{int(y.min())}, {int(y.max())}]")
-            y = drop_labels(y, self.num_classes, self.class_dropout_prob if self.training else 0.0, force_drop,
-                            generator)
+        y = condition_labels(y, batch=B, num_classes=self.num_classes, force_drop=force_drop,
+                             dropout_prob=self.class_dropout_prob if self.training else 0.0, generator=generator,
+                             device=x.device, net="UNet")  # (B,) or None
 
         captured = []
         hook = None

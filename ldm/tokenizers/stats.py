@@ -1,71 +1,38 @@
-"""The latent contract: per-channel latent mean/std and the SD-style scalar scaling factor.
+"""The latent contract: per-channel latent mean/std, the SD-style scalar scaling factor, and the normaliser built
+from them.
 
 Stage 2 normalises latents either per channel, (z - mean_c) / std_c (LightningDiT's latent_stats), or by one scalar,
 z * scaling_factor with scaling_factor = 1 / std(all latent values) (LDM §4.3.2 / ldm/models/diffusion/ddpm.py
 `scale_by_std`: `1. / z.flatten().std()`, which gave SD-VAE's 0.18215). Both are estimated here in one pass, with
 float64 running sums, and written as JSON beside the tokenizer (`latent_stats.json`) together with the fingerprint of
 the weights they describe. Standard deviations are Bessel-corrected like torch.std.
+
+One source: the generator's `LatentNormalizer` takes its numbers from the tokenizer (diffusion.scaling_factor when
+given, else the tokenizer's latent_stats.json / its diffusers scaling_factor, else the same estimator run once over
+the training images when they are at hand), never from the latent cache's own record (ldm/data/latents.py). The
+normaliser's buffers are stored in every generator checkpoint, so sampling uses exactly the training numbers.
+`LatentStats` and `RunningMoments` live in ldm/data/latents.py (one layer down, the cache records them too) and are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
+
+from ldm.data.latents import LatentStats, RunningMoments
+
+log = logging.getLogger(__name__)
 
 STATS_FILE = "latent_stats.json"
-
-
-@dataclass
-class LatentStats:
-    mean: list[float]          # per channel, (C,)
-    std: list[float]           # per channel, (C,)
-    scaling_factor: float      # 1 / std over every latent value
-    num_images: int
-    fingerprint: str = ""      # tokenizer weights these statistics belong to
-    sample_posterior: bool = False
-
-    def mean_tensor(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-
-    def std_tensor(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.std, device=device).view(1, -1, 1, 1)
-
-
-class RunningMoments:
-    """Float64 sums of z and z^2 per channel (and over everything) for (B, C, h, w) latents."""
-
-    def __init__(self, channels: int):
-        self.n = 0  # values per channel
-        self.s1 = torch.zeros(channels, dtype=torch.float64)
-        self.s2 = torch.zeros(channels, dtype=torch.float64)
-
-    def update(self, z: torch.Tensor) -> None:
-        z = z.detach().to("cpu", torch.float64).transpose(0, 1).flatten(1)  # (C, B*h*w)
-        self.n += z.shape[1]
-        self.s1 += z.sum(1)
-        self.s2 += z.square().sum(1)
-
-    def merge(self, other: "RunningMoments") -> None:
-        self.n += other.n
-        self.s1 += other.s1
-        self.s2 += other.s2
-
-    def result(self, num_images: int, fingerprint: str = "", sample_posterior: bool = False) -> LatentStats:
-        if self.n < 2:
-            raise ValueError("latent statistics need at least two latent values per channel")
-        mean = self.s1 / self.n
-        var = (self.s2 - self.n * mean.square()) / (self.n - 1)
-        total = self.n * len(self.s1)
-        mean_all = self.s1.sum() / total
-        var_all = (self.s2.sum() - total * mean_all ** 2) / (total - 1)
-        return LatentStats(mean=mean.tolist(), std=var.clamp_min(0).sqrt().tolist(),
-                           scaling_factor=float(1.0 / math.sqrt(max(float(var_all), 1e-30))), num_images=num_images,
-                           fingerprint=fingerprint, sample_posterior=sample_posterior)
+LATENT_NORMS = ("channel", "scalar", "none")
 
 
 @torch.no_grad()
@@ -154,3 +121,65 @@ def compute_tokenizer_stats(path: str | Path, data_cfg, *, num_images: int, batc
     if write:
         save_latent_stats(stats, out)
     return stats, out
+
+
+# ------------------------------------------------------------------------------------------------------ normaliser
+class LatentNormalizer(nn.Module):
+    """z_norm = (z - mean) / std per channel ("channel"), z * scale ("scalar"), or z ("none").
+
+    The statistics are buffers, so they travel in the state_dict of whatever module holds the normaliser (the
+    generator task's checkpoints) and follow `.to(device)`."""
+
+    KINDS = LATENT_NORMS
+
+    def __init__(self, kind: str, channels: int, mean=None, std=None, scale: float | None = None):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"diffusion.latent_norm={kind!r}; expected one of {list(self.KINDS)}")
+        self.kind = kind
+        mean = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != (channels,) or std.shape != (channels,):
+            raise ValueError(f"latent statistics have shapes {tuple(mean.shape)}/{tuple(std.shape)}; expected "
+                             f"({channels},) for a {channels}-channel tokenizer")
+        self.register_buffer("mean", mean.view(1, -1, 1, 1).clone())
+        self.register_buffer("std", std.view(1, -1, 1, 1).clone())
+        self.register_buffer("scale", torch.tensor(1.0 if scale is None else float(scale)))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "channel":
+            return (z - self.mean) / self.std
+        return z * self.scale if self.kind == "scalar" else z
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "channel":
+            return z * self.std + self.mean
+        return z / self.scale if self.kind == "scalar" else z
+
+
+def normalizer_for(tokenizer, *, kind: str, scaling_factor: float | None = None,
+                   images: Iterable[torch.Tensor] | None = None, num_images: int = 1024) -> LatentNormalizer:
+    """The normaliser of `kind` for a frozen `tokenizer` (ldm.tokenizers.export.Tokenizer).
+
+    Numbers from, in order: `scaling_factor` (kind "scalar"), the tokenizer's own (its latent_stats.json, or for
+    "scalar" its diffusers scaling_factor), or `compute_latent_stats` over the first `num_images` of `images`
+    (batches (B, 3, H, W) in [-1, 1]). ValueError when none of them is available.
+    """
+    c = tokenizer.latent_channels
+    if kind == "none":
+        return LatentNormalizer("none", c)
+    stats = tokenizer.stats
+    if kind == "scalar" and (scaling_factor or tokenizer.scaling_factor):
+        return LatentNormalizer("scalar", c, scale=scaling_factor or tokenizer.scaling_factor)
+    if stats is None:
+        if images is None:
+            raise ValueError(f"diffusion.latent_norm={kind} needs latent statistics, and tokenizer "
+                             f"{tokenizer.source!r} has none stored; run `ldm tokenizer-stats` or give "
+                             f"diffusion.scaling_factor")
+        stats = compute_latent_stats(tokenizer.encode, images, num_images=num_images, channels=c,
+                                     fingerprint=tokenizer.fingerprint)
+        log.info("latent statistics computed over %d images: mean %s std %s", stats.num_images,
+                 [round(v, 4) for v in stats.mean], [round(v, 4) for v in stats.std])
+    if kind == "scalar":
+        return LatentNormalizer("scalar", c, scale=stats.scaling_factor)
+    return LatentNormalizer("channel", c, mean=stats.mean, std=stats.std)
