@@ -3,13 +3,21 @@
 A *source* is an indexable collection of images with optional integer labels:
   - a folder, searched recursively for .jpg/.jpeg/.png/.webp/.bmp; when the images sit in sub-folders of the root,
     each sub-folder is a class and labels are the sorted sub-folder names' indices (ImageNet layout);
-  - a .zip or .tar(.gz) archive, with the same rules applied to member paths;
+  - a .zip or .tar(.gz) archive, read exactly as its extracted folder would be (same files, labels and classes);
   - an ADM-style .npz (`arr_0` uint8 NHWC, optional `arr_1` labels);
   - the embedded digits (`ldm.data.embedded`).
 
-Decoding never dies with a bare PIL traceback: CMYK, RGBA/LA/P (composited on white), 16-bit and grayscale images are
+Folder and archive paths follow two rules before classes are taken (`class_paths`): hidden files and folders (any
+component starting with "."; .DS_Store, macOS's ._* AppleDouble forks, .ipynb_checkpoints) and __MACOSX/ are not
+images; and a single folder wrapping everything (animals/cat/..., animals/dog/...: how a class folder is usually
+zipped) is not a class, so it is stripped, as if the source were animals/ itself. A single folder that holds only
+images (cat/*.jpg) stays one class.
+
+Decoding never dies with a bare PIL traceback: the EXIF orientation is applied (a portrait photo is stored as
+landscape pixels plus an Orientation tag), CMYK, RGBA/LA/P (composited on white), 16-bit and grayscale images are
 converted to 8-bit RGB; corrupt, truncated, zero-byte or too-small files raise `BadImageError` naming the file, which
-the dataset either re-raises (`on_error="raise"`) or skips with a counted warning (`on_error="skip"`).
+the dataset either re-raises (`on_error="raise"`) or skips with a counted warning (`on_error="skip"`; see
+`ImageDataset.skip_counts`).
 """
 
 from __future__ import annotations
@@ -22,11 +30,11 @@ import tarfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +77,8 @@ def to_rgb_uint8(img: Image.Image, name: str = "<image>") -> np.ndarray:
 
 
 def decode_image(data: bytes | str | Path, name: str, min_size: int = 1) -> np.ndarray:
-    """Decode bytes or a file path into (H, W, 3) uint8, raising `BadImageError` with the file name on failure."""
+    """Decode bytes or a file path into (H, W, 3) uint8 as displayed (EXIF orientation applied), raising
+    `BadImageError` with the file name on failure."""
     try:
         if isinstance(data, (bytes, bytearray)):
             if len(data) == 0:
@@ -81,6 +90,7 @@ def decode_image(data: bytes | str | Path, name: str, min_size: int = 1) -> np.n
             stream = str(data)
         with Image.open(stream) as img:
             img.load()  # forces a full decode: truncated data fails here, not later
+            ImageOps.exif_transpose(img, in_place=True)  # a no-op without an Orientation tag (or with orientation 1)
             arr = to_rgb_uint8(img, name)
     except BadImageError:
         raise
@@ -93,9 +103,32 @@ def decode_image(data: bytes | str | Path, name: str, min_size: int = 1) -> np.n
 
 
 # ------------------------------------------------------------------------------------------------------ sources
+def path_parts(rel_path: str) -> list[str]:
+    """Components of a relative member path ('/' or '\\' separated), without '' and '.' (tar often stores ./x.png)."""
+    return [part for part in rel_path.replace("\\", "/").split("/") if part not in ("", ".")]
+
+
+def is_junk(parts: Sequence[str]) -> bool:
+    """Hidden files and folders (.DS_Store, ._* AppleDouble forks, .ipynb_checkpoints, also '..') and macOS's
+    __MACOSX/ metadata folder: never images, whether in a folder or an archive."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def class_paths(rel_paths: Sequence[str]) -> list[list[str]]:
+    """Path components with wrapper folders stripped: while every path starts with the same folder and some path lies
+    below a sub-folder of it, that folder wraps the data and is no class (animals/cat/1.jpg -> cat/1.jpg). Stripping
+    again is a no-op, so a source and its wrapper folder give the same classes; cat/*.jpg alone stays one class."""
+    parts = [path_parts(p) for p in rel_paths]
+    while (parts and any(len(p) >= 3 for p in parts)
+           and all(len(p) >= 2 and p[0] == parts[0][0] for p in parts)):
+        parts = [p[1:] for p in parts]
+    return parts
+
+
 def _labels_from_paths(rel_paths: Sequence[str]) -> tuple[np.ndarray | None, list[str]]:
-    """Class label = index of the first path component among the sorted class names (None when images are flat)."""
-    firsts = [p.replace("\\", "/").split("/") for p in rel_paths]
+    """Class label = index of the first path component (after `class_paths`) among the sorted class names (None when
+    some image lies directly in the root)."""
+    firsts = class_paths(rel_paths)
     if not firsts or any(len(parts) < 2 for parts in firsts):
         return None, []
     classes = sorted({parts[0] for parts in firsts})
@@ -137,9 +170,11 @@ class ImageSource(abc.ABC):
 class FolderSource(ImageSource):
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                       and not is_junk(p.relative_to(self.root).parts))
         if not files:
-            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
+            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r} "
+                                    f"(hidden files and __MACOSX/ are ignored)")
         self.paths = files
         self.names = [str(p.relative_to(self.root)) for p in files]
         self.labels, self.classes = _labels_from_paths(self.names)
@@ -154,7 +189,8 @@ class FolderSource(ImageSource):
 
 
 class ArchiveSource(ImageSource):
-    """Images inside a .zip or .tar archive; each worker process opens its own handle."""
+    """Images inside a .zip or .tar archive; each worker process opens its own handle. `names` are the member names
+    (a wrapper folder included); labels follow the same rules as the extracted folder's."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -170,9 +206,10 @@ class ArchiveSource(ImageSource):
                 members = [m.name for m in tf.getmembers() if m.isfile()]
         else:
             raise ValueError(f"{str(self.path)!r} is neither a zip nor a tar archive")
-        self.names = sorted(m for m in members if m.lower().endswith(IMAGE_EXTENSIONS))
+        self.names = sorted(m for m in members if m.lower().endswith(IMAGE_EXTENSIONS) and not is_junk(path_parts(m)))
         if not self.names:
-            raise FileNotFoundError(f"no images found inside archive {str(self.path)!r}")
+            raise FileNotFoundError(f"no images found inside archive {str(self.path)!r} (hidden files and __MACOSX/ "
+                                    f"are ignored)")
         self.labels, self.classes = _labels_from_paths(self.names)
 
     def _handle(self):
@@ -312,11 +349,26 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ dataset
+class SkipCounts(NamedTuple):
+    """What on_error="skip" has done so far: `bad` distinct unreadable image files found, `replaced` distinct dataset
+    items served by a substitute (the next good image) instead of their own."""
+
+    bad: int
+    replaced: int
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Training dataset over a source. Items are addressed by (index, item_seed) pairs from `ldm.data.sampler`, so
     random crops and flips are a pure function of the seed: the same batch is produced after a resume or in a worker.
 
     With crop="random" every image yields `crops_per_image` items (index // crops_per_image is the image).
+
+    Bad files (on_error="skip") are found at read time, not by a scan: the first read of an unreadable image marks it
+    in `bad_mask` (one flag per source image) and the item takes the next good image in source order, marked in
+    `replaced_mask` (one flag per item). `skip_counts()` counts both and `bad_names()` names the files. The masks live
+    in shared memory, so reads made by DataLoader worker processes count in the process that owns the dataset; they
+    cover what this process has read so far. Across processes (ranks), reduce the masks with max (logical or) before
+    counting: two ranks can meet the same bad file, one of them while looking for a replacement.
     """
 
     def __init__(self, source: ImageSource, image_size: int, *, crop: str = "center", crops_per_image: int = 1,
@@ -331,7 +383,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         self.min_size = min_size
         self.class_cond = class_cond and source.labels is not None
-        self.bad: set[int] = set()
+        self.bad_mask = torch.zeros(len(source), dtype=torch.bool).share_memory_()
+        self.replaced_mask = torch.zeros(len(self), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.source) * self.crops_per_image
@@ -340,16 +393,29 @@ class ImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return self.source.num_classes if self.class_cond else 0
 
+    @property
+    def bad(self) -> set[int]:
+        """Indices (into the source) of the bad files found so far."""
+        return set(torch.nonzero(self.bad_mask).flatten().tolist())
+
+    def bad_names(self) -> list[str]:
+        """Source names of the bad files found so far, in source order."""
+        return [self.source.names[i] for i in sorted(self.bad)]
+
+    def skip_counts(self) -> SkipCounts:
+        """Bad files found and items replaced so far by this process and its DataLoader workers."""
+        return SkipCounts(bad=int(self.bad_mask.sum()), replaced=int(self.replaced_mask.sum()))
+
     def _read(self, image_index: int) -> np.ndarray | None:
-        if image_index in self.bad:
+        if self.bad_mask[image_index]:
             return None
         try:
             return self.source.read(image_index, self.min_size)
         except BadImageError as err:
             if self.on_error == "raise":
                 raise BadImageError(f"{err} (data.on_error=raise; set data.on_error=skip to skip bad files)") from None
-            self.bad.add(image_index)
-            log.warning("skipping bad image %d so far: %s", len(self.bad), err)
+            self.bad_mask[image_index] = True
+            log.warning("skipping bad image %d so far: %s", int(self.bad_mask.sum()), err)
             return None
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
@@ -360,6 +426,8 @@ class ImageDataset(torch.utils.data.Dataset):
             arr = self._read((image_index + attempt) % n)
             if arr is not None:
                 image_index = (image_index + attempt) % n
+                if attempt:
+                    self.replaced_mask[index] = True
                 break
         else:
             raise BadImageError(f"every image in the data source is unreadable (e.g. {self.source.names[0]})")
