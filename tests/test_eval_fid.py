@@ -9,6 +9,7 @@ from scipy import linalg
 
 from ldm.eval.fid import (
     GaussianStats,
+    covariance_warning,
     frechet_distance,
     frechet_distance_eigh,
     frechet_distance_sqrtm,
@@ -64,6 +65,19 @@ def test_identical_and_singular_statistics():
     other = stats_from_features(rng.standard_normal((10, 40)) + 0.5)
     fast, ref = frechet_distance_eigh(s, other), frechet_distance_sqrtm(s, other)
     assert np.isfinite(fast) and fast == pytest.approx(ref, rel=1e-3)
+
+
+def test_covariance_warning_names_the_numbers():
+    rng = np.random.default_rng(4)
+    few = stats_from_features(rng.standard_normal((20, 64)))
+    assert np.linalg.matrix_rank(few.sigma) == 19  # the rank bound the warning states
+    line = covariance_warning(few, "FD_digits", "samples")
+    assert line == ("FD_digits from 20 samples in a 64-d feature space: the covariance is rank-deficient "
+                    "(rank <= 19) and the value is biased upward; use more than 64 samples")
+    square = covariance_warning(stats_from_features(rng.standard_normal((64, 64))), "FID", "reference images")
+    assert "(rank <= 63)" in square and square.endswith("use more than 64 reference images (published FIDs use 50,000)")
+    assert covariance_warning(stats_from_features(rng.standard_normal((65, 64))), "FID", "samples") is None
+    assert covariance_warning(GaussianStats(np.zeros(64), np.eye(64)), "FID", "samples") is None  # N unknown (ADM)
 
 
 def test_stats_from_features_by_hand():

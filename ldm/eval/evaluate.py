@@ -18,6 +18,12 @@ size, mtime and a hash of its first and last MiB), so an edited dataset misses t
 Metric names carry the extractor: Inception gives fid / sfid / is / precision / recall; any other extractor X gives
 fd_X / is_X / precision_X / recall_X (rfid / rfd_X for reconstructions). Every result also has "extractor".
 All processes return the same dict; evaluation shards over processes (accelerate launch / torchrun).
+
+Robustness: a metric the inputs cannot support is skipped, not fatal (IS with fewer images than splits,
+precision/recall with <= k images, sFID without spatial reference statistics), and a Fréchet distance from fewer
+images than feature dimensions is computed but flagged; each such event is logged and its line kept in the result's
+"warnings" list (absent when there is none), so summaries carry it. A sample that cannot be read is an error naming
+the file (a skipped sample would silently shrink the set); reference images follow the data's skip policy.
 """
 
 from __future__ import annotations
@@ -27,16 +33,25 @@ import itertools
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ldm.data.images import iter_uint8_batches, open_source
+from ldm.data.images import BadImageError, iter_uint8_batches, open_source
 from ldm.eval.extractors import Extractor, InceptionExtractor, build_extractor
 from ldm.eval.features import dist_info, extract_features, gather_by_index, prefetch, to_nchw
-from ldm.eval.fid import frechet_distance, has_stats, load_stats, save_stats, stats_from_features
+from ldm.eval.fid import (
+    GaussianStats,
+    covariance_warning,
+    frechet_distance,
+    has_stats,
+    load_stats,
+    save_stats,
+    stats_from_features,
+)
 from ldm.eval.metrics import inception_score, precision_recall, psnr, ssim
 
 logger = logging.getLogger(__name__)
@@ -72,17 +87,31 @@ def _extractor(extractor: str | Extractor, weights: str | None, device: torch.de
     return ext.to(device)
 
 
-def _image_batches(path: str, batch_size: int, size: int | None,
-                   limit: int | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """This process's shard of the images at `path` (the one reader, ldm.data.images.iter_uint8_batches)."""
+def _image_batches(path: str, batch_size: int, size: int | None, limit: int | None = None,
+                   on_error: str = "skip") -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """This process's shard of the images at `path` (the one reader, ldm.data.images.iter_uint8_batches); bad files
+    are skipped with a warning or raised, per `on_error`. A damaged .npz is a ValueError naming it."""
     rank, world = dist_info()
-    return iter_uint8_batches(str(path), batch_size, size=size, rank=rank, world_size=world, limit=limit)
+    try:
+        yield from iter_uint8_batches(str(path), batch_size, size=size, rank=rank, world_size=world, limit=limit,
+                                      on_error=on_error)
+    except zipfile.BadZipFile as err:  # np.load of a truncated .npz raises it without the file name
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({err})") from None
+
+
+def _sample_batches(path: str, batch_size: int, size: int | None,
+                    limit: int | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """`_image_batches` of a sample set, where an unreadable image is an error naming it (skipping it would silently
+    evaluate fewer samples); `ldm sample` regenerates the indices whose PNG is missing."""
+    try:
+        yield from _image_batches(path, batch_size, size, limit, on_error="raise")
+    except BadImageError as err:
+        raise ValueError(f"unreadable sample {err}; delete that file and re-run `ldm sample` with the same --out, "
+                         f"which regenerates missing samples, then evaluate again") from None
 
 
 def _count(path: str, size: int | None) -> int | None:
     """Number of images at `path` for the progress bar (an .npz is measured from its arr_0 header, not loaded)."""
-    import zipfile
-
     p = Path(path)
     try:
         if p.suffix == ".npz" and p.is_file():
@@ -92,7 +121,7 @@ def _count(path: str, size: int | None) -> int | None:
                 shape = read(f)[0]
             return int(shape[0])
         return len(open_source(str(path), size or 32))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: the reader reports it, naming the file
         return None
 
 
@@ -192,6 +221,28 @@ def _image_reference(ref: str, extractor: Extractor, batch_size: int, size: int 
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ warnings
+def _note(notes: list[str], message: str) -> None:
+    """Log a warning and keep its line for the result's "warnings" (module docstring)."""
+    logger.warning(message)
+    notes.append(message)
+
+
+def _check_covariances(notes: list[str], metric: str, *sides: tuple[GaussianStats, str]) -> None:
+    """THE rank check of every Fréchet distance (any extractor, FD / sFID / rFD): a note per side whose statistics
+    came from no more images than feature dimensions (`covariance_warning`)."""
+    for stats, what in sides:
+        message = covariance_warning(stats, metric, what)
+        if message is not None:
+            _note(notes, message)
+
+
+def _with_warnings(result: dict, notes: list[str]) -> dict:
+    if notes:
+        result["warnings"] = notes
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------ generation
 def evaluate_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], ref: str | dict, *,
                      extractor: str | Extractor = "inception", extractor_weights: str | None = None,
@@ -201,18 +252,21 @@ def evaluate_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], ref: str 
                      is_splits: int = 10, pr_k: int = 3, total: int | None = None) -> dict:
     """Generation metrics of sample batches (this process's shard of (uint8 NHWC, global indices)) against `ref`
     (a path for `reference_stats`, or its result dict). Used by `evaluate_samples` and by periodic FID in training.
-    `metrics` is a subset of ('fd', 'sfid', 'is', 'pr'); metrics the extractor cannot give are skipped."""
+    `metrics` is a subset of ('fd', 'sfid', 'is', 'pr'); metrics the extractor or the image counts cannot support
+    are skipped, and Fréchet distances from too few images flagged, with a line in result["warnings"] (module
+    docstring)."""
     unknown = sorted(set(metrics) - set(GENERATION_METRICS))
     if unknown:
         raise ValueError(f"metrics {unknown} unknown; expected a subset of {GENERATION_METRICS}")
     device = _device(device)
     ext = _extractor(extractor, extractor_weights, device)
+    notes: list[str] = []
     wanted = set(metrics)
     if "sfid" in wanted and "spatial" not in ext.outputs:
         wanted.discard("sfid")
     if "is" in wanted and ("logits" not in ext.outputs or (isinstance(ext, InceptionExtractor)
                                                            and not ext.has_classifier)):
-        logger.warning("Inception Score skipped: extractor %r has no classifier head", ext.name)
+        _note(notes, f"Inception Score skipped: extractor {ext.name!r} has no classifier head")
         wanted.discard("is")
     outputs = ["features"] + (["spatial"] if "sfid" in wanted else []) + (["logits"] if "is" in wanted else [])
     if isinstance(ref, dict):
@@ -225,31 +279,54 @@ def evaluate_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], ref: str 
     result: dict = {"extractor": ext.name, "num_samples": int(len(sample["indices"])),
                     "num_ref": int(reference["stats"].num)}
     if "fd" in wanted:
+        _check_covariances(notes, ext.metric_name, (sample["stats"], "samples"),
+                           (reference["stats"], "reference images"))
         result[metric_key(ext, "fd")] = frechet_distance(sample["stats"], reference["stats"], fd_method)
     if "sfid" in wanted:
         if reference.get("spatial") is None:
-            logger.warning("sFID skipped: the reference has no spatial statistics (mu_s, sigma_s)")
+            _note(notes, "sFID skipped: the reference has no spatial statistics (mu_s, sigma_s)")
         else:
+            _check_covariances(notes, "sFID", (sample["spatial"], "samples"),
+                               (reference["spatial"], "reference images"))
             result["sfid"] = frechet_distance(sample["spatial"], reference["spatial"], fd_method)
     if "is" in wanted:
-        mean, std = inception_score(sample["logits"], splits=is_splits)
-        result[metric_key(ext, "is")], result[metric_key(ext, "is") + "_std"] = mean, std
+        _inception_score(result, notes, ext, sample["logits"], is_splits)
     if "pr" in wanted:
-        if reference.get("features") is None:
-            logger.warning("precision/recall skipped: the reference has statistics but no images or features")
-        else:
-            p, r = precision_recall(reference["features"], sample["features"], k=pr_k, device=device)
-            result[metric_key(ext, "precision")], result[metric_key(ext, "recall")] = p, r
-    return result
+        _precision_recall(result, notes, ext, reference.get("features"), sample["features"], pr_k, device)
+    return _with_warnings(result, notes)
+
+
+def _inception_score(result: dict, notes: list[str], ext: Extractor, logits: np.ndarray, splits: int) -> None:
+    key = metric_key(ext, "is")
+    if len(logits) < splits:
+        _note(notes, f"Inception Score ({key}) skipped: {len(logits)} samples are fewer than its {splits} splits; "
+                     f"use at least {splits} samples")
+        return
+    result[key], result[key + "_std"] = inception_score(logits, splits=splits)
+
+
+def _precision_recall(result: dict, notes: list[str], ext: Extractor, ref_features: np.ndarray | None,
+                      features: np.ndarray, k: int, device: torch.device) -> None:
+    if ref_features is None:
+        _note(notes, "precision/recall skipped: the reference has statistics but no images or features")
+        return
+    fewest = min(len(ref_features), len(features))
+    if fewest <= k:  # the k-th nearest neighbour radius needs k other points in each set
+        _note(notes, f"precision/recall skipped: {len(features)} samples and {len(ref_features)} reference images; "
+                     f"its k={k} nearest-neighbour radii need more than {k} in each set")
+        return
+    p, r = precision_recall(ref_features, features, k=k, device=device)
+    result[metric_key(ext, "precision")], result[metric_key(ext, "recall")] = p, r
 
 
 def evaluate_samples(samples: str, ref: str, *, batch_size: int = 64, size: int | None = None,
                      num_samples: int | None = None, **kwargs) -> dict:
     """Generation metrics of the images at `samples` (folder, archive or ADM .npz) against `ref` (see
-    `reference_stats`); `num_samples` keeps the first N (by index). Keyword arguments as `evaluate_batches`."""
+    `reference_stats`); `num_samples` keeps the first N (by index). An unreadable sample image is a ValueError naming
+    it (`_sample_batches`). Keyword arguments as `evaluate_batches`."""
     kwargs["device"] = _device(kwargs.get("device"))  # before sharding: initialises the process group
     total = num_samples or _count(samples, size)
-    batches = _image_batches(samples, batch_size, size, num_samples)
+    batches = _sample_batches(samples, batch_size, size, num_samples)
     return evaluate_batches(batches, ref, batch_size=batch_size, size=size, total=total, **kwargs)
 
 
@@ -320,17 +397,27 @@ def _paired_metrics(pairs: Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray
         if k in gathered:
             result[k] = float(np.mean(gathered[k].astype(np.float64)))
     if ext is not None:
-        result["extractor"] = ext.name
-        if cached is None:
-            spatial = gathered.get("feat_orig_spatial")
-            cached = {"stats": stats_from_features(gathered["feat_orig_features"]),
-                      "features": gathered["feat_orig_features"],
-                      "spatial": None if spatial is None else stats_from_features(spatial)}
-            if use_cache:
-                _save_reference(file, cached, ext, data)
-        result[metric_key(ext, "rfd")] = frechet_distance(stats_from_features(gathered["feat_recon"]),
-                                                          cached["stats"], fd_method)
+        _reconstruction_fd(result, gathered, ext, cached, file if use_cache else None, data, fd_method)
     return result
+
+
+def _reconstruction_fd(result: dict, gathered: dict[str, np.ndarray], ext: Extractor, cached: dict | None,
+                       cache_file: Path | None, data: str, fd_method: str) -> None:
+    """rFD of the gathered reconstruction features against the originals' statistics: `cached`, or computed from
+    this pass's features of the originals and then cached in `cache_file` (when given)."""
+    result["extractor"] = ext.name
+    if cached is None:
+        spatial = gathered.get("feat_orig_spatial")
+        cached = {"stats": stats_from_features(gathered["feat_orig_features"]),
+                  "features": gathered["feat_orig_features"],
+                  "spatial": None if spatial is None else stats_from_features(spatial)}
+        if cache_file is not None:
+            _save_reference(cache_file, cached, ext, data)
+    recon = stats_from_features(gathered["feat_recon"])
+    notes: list[str] = []
+    _check_covariances(notes, f"r{ext.metric_name}", (recon, "reconstructions"), (cached["stats"], "original images"))
+    result[metric_key(ext, "rfd")] = frechet_distance(recon, cached["stats"], fd_method)
+    _with_warnings(result, notes)
 
 
 def evaluate_reconstruction(encode_decode: Callable[[torch.Tensor], torch.Tensor], data: str, *,

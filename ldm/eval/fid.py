@@ -17,6 +17,9 @@ Two ways to get Tr (S_1 S_2)^{1/2}:
     M = S_1^{1/2} S_2 S_1^{1/2} (same eigenvalues), so Tr (S_1 S_2)^{1/2} = sum_i sqrt(lambda_i(M)). Two symmetric
     eigendecompositions, no complex arithmetic; eigenvalues under the solver's rounding floor are set to 0.
 
+With N <= D samples the covariance is singular and the distance biased upward: `covariance_warning` says so, with
+the numbers (evaluation logs it and records it in the result's "warnings").
+
 Statistics files use the ADM reference-batch layout: `mu`, `sigma` (pool features) and optionally `mu_s`, `sigma_s`
 (spatial features), so ADM's published reference batches load directly and files written here load in the ADM
 evaluator. Extra arrays (e.g. `features` for precision/recall) and a JSON `meta` string may be stored alongside.
@@ -62,6 +65,22 @@ def stats_from_features(features: np.ndarray) -> GaussianStats:
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need a (N, D) feature array with N >= 2 to estimate a covariance; got {features.shape}")
     return GaussianStats(features.mean(axis=0), np.cov(features, rowvar=False), features.shape[0])
+
+
+def covariance_warning(stats: GaussianStats, metric: str, what: str) -> str | None:
+    """A one-line warning when `stats` came from too few samples for its feature dimension, else None.
+
+    N feature vectors give a sample covariance of rank <= N - 1, so with N <= D it is singular: the Fréchet distance
+    then lacks most of the Tr (S_1 S_2)^{1/2} term and is biased upward (the bias of FID grows as 1/N, Chong & Forsyth
+    2020, arXiv:1911.07023, Sec. 3). `metric` names the distance ("FID", "FD_dinov2", ...), `what` the images the
+    statistics came from ("samples", "reference images"). N = 0 means unknown (an ADM statistics file) and is not
+    flagged."""
+    n, d = stats.num, stats.mu.shape[0]
+    if not 0 < n <= d:
+        return None
+    usual = " (published FIDs use 50,000)" if "FID" in metric else ""
+    return (f"{metric} from {n} {what} in a {d}-d feature space: the covariance is rank-deficient (rank <= {n - 1}) "
+            f"and the value is biased upward; use more than {d} {what}{usual}")
 
 
 def _check_pair(a: GaussianStats, b: GaussianStats) -> None:
