@@ -205,6 +205,7 @@ def format_summary(summary: dict) -> str:
             numbers = ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float))
             lines.append(f"  {name:<10} : {numbers}  [{res['num_samples']} samples vs {res['num_ref']} data images, "
                          f"extractor {res['extractor']}]")
+            lines += [f"    warning: {w}" for w in res.get("warnings", [])]
     gen_dir = st.get("generator", {}).get("run_dir", "RUN")
     lines += ["", "Next:", f"  ldm sample {gen_dir} --num 100 --cfg 2.0 --grid --out my_samples",
               f"  tensorboard --logdir {summary['run_dir']}",
