@@ -149,11 +149,13 @@ def test_pipeline_checks_names_of_both_stages():
 
 def test_sample_identity_fields():
     """The sample-folder identity is SampleCfg minus SAMPLE_NON_IDENTITY_FIELDS: exactly the SampleCfg keys that
-    ldm.eval.generate.sample_identity recorded by hand before, so sample folders written then stay valid."""
+    ldm.eval.generate.sample_identity recorded by hand before (plus guidance_rule, added later: folders without it
+    read it as its default), so sample folders written then stay valid."""
     fields = [f.name for f in dataclasses.fields(SampleCfg)]
     assert set(SAMPLE_NON_IDENTITY_FIELDS) <= set(fields)
     identity = {name for name in fields if name not in SAMPLE_NON_IDENTITY_FIELDS}
-    assert identity == {"sampler", "steps", "cfg_scale", "interval", "cfg_channels", "time_grid", "shift", "eta"}
+    assert identity == {"sampler", "steps", "cfg_scale", "interval", "cfg_channels", "time_grid", "shift", "eta",
+                        "guidance_rule"}
 
 
 def _fields_with_paths(schema: type, prefix: str = ""):

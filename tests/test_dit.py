@@ -184,3 +184,68 @@ def test_seeded_builds_are_identical():
     torch.manual_seed(3)
     b = tiny(**LIGHTNING).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ attention backends
+def _randomised(model):
+    for p in model.parameters():  # leave the zero init, so attention shapes the output
+        p.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    return model.eval()
+
+
+def test_math_attention_is_the_textbook_formula():
+    from ldm.models.layers import ATTENTION_BACKENDS
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))  # (B, H, L, Dh)
+    expected = torch.empty(2, 5, 3 * 4, dtype=torch.float64)
+    for b in range(2):
+        for h in range(3):
+            w = torch.exp(q[b, h] @ k[b, h].T / 2.0)  # sqrt(Dh) = 2
+            expected[b, :, 4 * h:4 * h + 4] = (w / w.sum(-1, keepdim=True)) @ v[b, h]
+    torch.testing.assert_close(ATTENTION_BACKENDS["math"](q, k, v), expected)
+    torch.testing.assert_close(ATTENTION_BACKENDS["sdpa"](q, k, v), expected)
+
+
+@pytest.mark.parametrize("switches", [{}, LIGHTNING], ids=["dit", "lightning"])
+def test_sdpa_and_math_backends_agree(switches):
+    torch.manual_seed(0)
+    sdpa = _randomised(tiny(**switches))
+    math_ = tiny(**switches, attn_backend="math").eval()
+    math_.load_state_dict(sdpa.state_dict())
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = sdpa(x, t, y)
+        torch.testing.assert_close(math_(x, t, y), ref, rtol=1e-5, atol=1e-5)  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = math_(x, t, y).float(), sdpa(x, t, y).float()
+    scale = float(ref.abs().max())  # bf16 keeps 8 bits of mantissa: agree to about 1% of the output's range
+    assert float((a - b).abs().max()) <= 0.02 * scale and float((a - ref).abs().max()) <= 0.02 * scale
+
+
+def test_model_attention_reaches_the_dit_and_xformers_needs_its_extra():
+    import dataclasses
+
+    from ldm.config import ModelCfg
+    from ldm.models import build_generator_model
+    from ldm.models.layers import ATTENTION_BACKENDS
+
+    field = {f.name: f for f in dataclasses.fields(ModelCfg)}["attention"]
+    assert set(field.metadata["choices"]) == set(ATTENTION_BACKENDS) and field.default == "sdpa"
+    build = dict(latent_channels=4, latent_size=8, num_classes=10)
+    net = build_generator_model(ModelCfg(preset="DiT-Pico/2", attention="math"), **build)
+    assert {block.attn.backend for block in net.blocks} == {"math"}
+    assert {block.attn.backend for block in build_generator_model(ModelCfg(preset="DiT-Pico/2"), **build).blocks} \
+        == {"sdpa"}
+    with pytest.raises(ValueError, match="model.arch=dit"):
+        build_generator_model(ModelCfg(arch="unet", attention="math"), **build)
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:  # a ValueError (the CLI's one-line user error) that names the install command
+        from ldm.cli.common import is_user_error, one_line
+
+        with pytest.raises(ValueError, match=r"pip install 'ldm\[xformers\]'") as err:
+            build_generator_model(ModelCfg(preset="DiT-Pico/2", attention="xformers"), **build)
+        assert is_user_error(err.value) and "\n" not in one_line(err.value)
+    else:
+        assert build_generator_model(ModelCfg(preset="DiT-Pico/2", attention="xformers"), **build) is not None

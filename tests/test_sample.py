@@ -238,9 +238,9 @@ def test_official_dit_weights_sample_through_the_cli(runs, tmp_path):
     weights = _official_dit_file(tmp_path / "DiT-tiny.pt")
     gen = load_official_generator("dit", weights, tokenizer=runs / "vae")
     # DiT's setup: DDPM (1000 linear-beta steps), eps + learned sigma, SD-VAE scalar factor from the VAE config
-    assert isinstance(gen.task.path, DiscretePath) and gen.task.path.num_timesteps == 1000
-    assert gen.task.prediction == "eps" and gen.cfg.model.learn_sigma and gen.num_classes == 10
-    assert gen.task.normalizer.kind == "scalar" and float(gen.task.normalizer.scale) == pytest.approx(0.18215)
+    assert isinstance(gen.path, DiscretePath) and gen.path.num_timesteps == 1000
+    assert gen.prediction == "eps" and gen.cfg.model.learn_sigma and gen.num_classes == 10
+    assert gen.normalizer.kind == "scalar" and float(gen.normalizer.scale) == pytest.approx(0.18215)
     assert gen.cfg.sample.sampler == "ddpm" and gen.cfg.sample.steps == 250
 
     out = tmp_path / "official"
@@ -288,3 +288,19 @@ def test_folder_written_before_a_field_existed_reads_it_as_the_default(tmp_path)
     check_sample_folder(tmp_path, _identity_of(SampleCfg()))  # same settings: accepted
     with pytest.raises(FileExistsError, match="eta: 0.0 there, 0.5 now"):
         check_sample_folder(tmp_path, _identity_of(SampleCfg(eta=0.5)))
+
+
+def test_guidance_rule_decides_the_images_and_older_folders_read_per_eval(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm.config import SAMPLE_NON_IDENTITY_FIELDS, SampleCfg
+    from ldm.eval.generate import check_sample_folder
+
+    assert "guidance_rule" not in SAMPLE_NON_IDENTITY_FIELDS
+    old = _identity_of(SampleCfg(sampler="heun", cfg_scale=2))
+    del old["guidance_rule"]  # written before sample.guidance_rule existed: REPA's rule was not available
+    (tmp_path / SAMPLE_CONFIG).write_text(OmegaConf.to_yaml({"identity": old}))
+    check_sample_folder(tmp_path, _identity_of(SampleCfg(sampler="heun", cfg_scale=2)))
+    with pytest.raises(FileExistsError, match="guidance_rule: 'per_eval' there, 'step_start' now"):
+        check_sample_folder(tmp_path, _identity_of(SampleCfg(sampler="heun", cfg_scale=2,
+                                                             guidance_rule="step_start")))

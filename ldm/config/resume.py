@@ -46,6 +46,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "data.num_workers": "loader processes: every item is a function of (index, seed), so the batches stay the same",
     "data.on_error": "the policy for unreadable files: skip continues past a file that stopped the run",
     "model.grad_checkpointing": "memory traded for compute: the same gradients",
+    "model.attention": "the attention kernel: the same maths (float rounding may differ)",
     "tokenizer.checkpoint": "where a generator's frozen tokenizer is read from: a moved folder holds the same "
                             "tokenizer when its fingerprint matches the one recorded in the checkpoint",
     "eval.*": "periodic evaluation only reads the weights",

@@ -300,6 +300,11 @@ class ModelCfg:
                                                             "every preset, as use_swiglu"})
     use_qknorm: bool = field(default=False, metadata={"help": "normalise queries and keys per head before attention "
                                                               "(stabilises training; LightningDiT's recipe: off)"})
+    attention: str = choice("sdpa", ("sdpa", "xformers", "math"),
+                            "DiT attention kernel, the same maths: sdpa (torch scaled_dot_product_attention, picks "
+                            "flash / memory-efficient kernels where it can), xformers (memory_efficient_attention; "
+                            "optional extra: pip install 'ldm[xformers]'), math (softmax(Q K^T / sqrt(d)) V in plain "
+                            "torch ops, a reference)")
     grad_checkpointing: bool = field(default=False, metadata={"help": "DiT: recompute each block in the backward pass "
                                                                       "instead of storing its activations (less "
                                                                       "memory, more compute, same gradients)"})
@@ -362,6 +367,11 @@ class SampleCfg:
     cfg_channels: str = choice("all", ("all", "first3"), "guided output channels: all, or first3 = channels 0-2 "
                                                          "only (the DiT / SiT / LightningDiT quirk, to reproduce "
                                                          "their numbers)")
+    guidance_rule: str = choice("per_eval", ("per_eval", "step_start"),
+                                "which time is checked against sample.interval: per_eval = the time of each network "
+                                "evaluation; step_start = the start of the sampler step it belongs to, so Heun's "
+                                "corrector is guided as its step's start is (REPA's Heun); the same for samplers "
+                                "with one evaluation per step")
     time_grid: str = choice("uniform", ("uniform", "karras", "shifted"),
                             "continuous paths: uniform in t, karras (EDM sigmas 0.002 .. 80, rho 7) or shifted "
                             "(uniform through t' = s t / (1 + (s-1) t), s = sample.shift); euler_maruyama + uniform "

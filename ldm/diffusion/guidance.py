@@ -10,9 +10,16 @@ cond and uncond come from ONE batched forward of 2B samples, the unconditional h
 `num_classes` (DiT/SiT label-dropout embedding row; DiT models.py forward_with_cfg). Outside the interval only the
 conditional half is evaluated.
 
+Which time decides whether an evaluation is guided (`rule`, GUIDANCE_RULES):
+  per_eval    the time the network is evaluated at (default).
+  step_start  the start time of the sampler step the evaluation belongs to: samplers pass it as `step_start` where an
+              evaluation lies inside a step (Heun's corrector at s of the step t -> s; samplers.make_denoiser), so a
+              step is guided as a whole. REPA's Heun (samplers.py euler_sampler, heun=True) decides its corrector
+              evaluation from t_cur this way. Samplers with one evaluation per step are the same under both rules.
+
 Peers' settings in our time:
   REPA (sihyun-yu/REPA samplers.py, data at t = 0 like ours): guided when guidance_low <= t <= guidance_high, so
-      --guidance-high 0.7 is interval=(0.0, 0.7).
+      --guidance-high 0.7 is interval=(0.0, 0.7); its Heun (euler_sampler, heun=True) is rule="step_start".
   LightningDiT (hustvl/LightningDiT models/lightningdit.py forward_with_cfg, SiT time t_s = 1 - t, data at t_s = 1):
       unguided when t_s < cfg_interval_start, so cfg_interval_start 0.11 is interval=(0.0, 0.89) and 0.125 is
       (0.0, 0.875); `interval_from_sit_time(0.11)` does the conversion.
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor
 
 CHANNELS = ("all", "first3")
+GUIDANCE_RULES = ("per_eval", "step_start")
 
 
 def interval_from_sit_time(start: float = 0.0, end: float = 1.0) -> tuple[float, float]:
@@ -46,13 +54,19 @@ def classifier_free_guidance(
     interval: tuple[float, float] = (0.0, 1.0),
     channels: str = "all",
     learned_sigma: bool = False,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """Wrap model(x, t, y) (OUR t) into model_fn(x, t) that returns the guided output for the class labels y (B,).
+    rule: str = "per_eval",
+) -> Callable[..., Tensor]:
+    """Wrap model(x, t, y) (OUR t) into model_fn(x, t, step_start=None) that returns the guided output for the class
+    labels y (B,); `rule` says whether t or step_start (B,) (the start of the sampler step, None = t) is checked
+    against the interval.
 
-    scale = 1 is the conditional model (a single forward). The result plugs into samplers.make_denoiser.
+    scale = 1 is the conditional model (a single forward). The result plugs into
+    samplers.make_denoiser(..., step_aware=True).
     """
     if channels not in CHANNELS:
         raise ValueError(f"cfg channels={channels!r}; expected one of {list(CHANNELS)}")
+    if rule not in GUIDANCE_RULES:
+        raise ValueError(f"guidance rule={rule!r}; expected one of {list(GUIDANCE_RULES)}")
     t_lo, t_hi = (float(v) for v in interval)
     if not 0.0 <= t_lo <= t_hi <= 1.0:
         raise ValueError(f"guidance interval={interval}; expected 0 <= t_lo <= t_hi <= 1 in ldm time (t = 1 noise)")
@@ -63,11 +77,12 @@ def classifier_free_guidance(
         raise ValueError(f"class labels must be a 1-D tensor of ids in [0, {num_classes - 1}]")
     y_null = torch.full_like(y, num_classes)
 
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, step_start: Tensor | None = None) -> Tensor:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"batch of {x.shape[0]} samples for {y.shape[0]} class labels")
         yb, yn = y.to(x.device), y_null.to(x.device)
-        inside = (t >= t_lo) & (t <= t_hi)  # (B,)
+        t_rule = step_start if rule == "step_start" and step_start is not None else t  # (B,)
+        inside = (t_rule >= t_lo) & (t_rule <= t_hi)  # (B,)
         if scale == 1.0 or not bool(inside.any()):
             return model(x, t, yb)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([yb, yn]))  # (2B, C_out, ...)

@@ -8,6 +8,9 @@ Every sampler has the signature (STYLE.md Sec. 4)
                   from a network with make_denoiser(model_fn, path=..., prediction=...): the only place where a
                   prediction type (eps / x0 / v / velocity / score) is converted. Samplers need both x0 and eps, which
                   every prediction gives without dividing by a vanishing coefficient (see make_denoiser).
+                  An evaluation that lies inside a step rather than at its start (Heun's corrector) also passes
+                  step_start=(B,) times of the step's start, which a step-aware model_fn (guidance.py rule
+                  "step_start") reads; every other evaluation is at its step's start.
   ts             1-D, strictly decreasing times, normally from time_grid(); ts[-1] = 0 ends on data.
   generator      None (torch's global RNG), one torch.Generator, or a LIST of one generator per sample: then sample i
                  draws only from generators[i] and does not depend on the batch it is drawn in (edm2
@@ -55,22 +58,25 @@ class Denoised(NamedTuple):
     var_values: Tensor | None = None  # (B, C, ...) DiT learned-range values in [-1, 1] (sample_ddpm only)
 
 
-Denoiser = Callable[[Tensor, Tensor], Denoised]
+Denoiser = Callable[..., Denoised]  # denoise(x, t, step_start=None)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
-def make_denoiser(model_fn: Callable[[Tensor, Tensor], Tensor], *, path: Path, prediction: str,
-                  learned_sigma: bool = False) -> Denoiser:
-    """Wrap model_fn(x, t) -> output (OUR t) as denoise(x, t) -> Denoised, converting `prediction` with paths.py.
+def make_denoiser(model_fn: Callable[..., Tensor], *, path: Path, prediction: str, learned_sigma: bool = False,
+                  step_aware: bool = False) -> Denoiser:
+    """Wrap model_fn(x, t) -> output (OUR t) as denoise(x, t, step_start=None) -> Denoised, converting `prediction`
+    with paths.py.
 
     learned_sigma=True: the output has 2C channels, [prediction, variance values] (DiT).
+    step_aware=True: model_fn(x, t, step_start) also takes the start time (B,) of the sampler step the evaluation
+    belongs to (t itself unless a sampler says otherwise), as guidance.classifier_free_guidance's model_fn does.
     Which end of the time axis a prediction can reach: eps needs alpha(t) > 0 (t < 1 on "linear"/"gvp"), x0 needs
     sigma(t) > 0 (t > 0), velocity and v are finite on the whole of [0, 1].
     """
     check_prediction(prediction)
 
-    def denoise(x: Tensor, t: Tensor) -> Denoised:
-        out = model_fn(x, t)
+    def denoise(x: Tensor, t: Tensor, step_start: Tensor | None = None) -> Denoised:
+        out = model_fn(x, t, t if step_start is None else step_start) if step_aware else model_fn(x, t)
         var_values = None
         if learned_sigma:
             out, var_values = out.split(x.shape[1], dim=1)  # (B, C, ...) each
@@ -335,16 +341,18 @@ def sample_euler(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, generator: G
 def sample_heun(denoise: Denoiser, x_T: Tensor, ts, *, path: Path, generator: Generator = None,
                 callback=None) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022 Alg. 1, S_churn = 0): an Euler step, then the trapezoidal correction
-    x_s = x_t + (s - t) (u(x_t, t) + u(x_euler, s)) / 2, skipped on a step to s = 0 as in Alg. 1 (2n - 1 NFE)."""
+    x_s = x_t + (s - t) (u(x_t, t) + u(x_euler, s)) / 2, skipped on a step to s = 0 as in Alg. 1 (2n - 1 NFE).
+    The corrector evaluation at s belongs to the step from t: it passes step_start = t (REPA's guidance rule)."""
     ts = _times(ts)
     cs = _grid_coefs(path, ts, derivatives=True)
     x = x_T
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
-        d = denoise(x, _batch_time(t, x))
+        t_b = _batch_time(t, x)  # (B,)
+        d = denoise(x, t_b)
         u = _velocity(d, cs[i])
         x_euler = x + (s - t) * u
         if s > 0:
-            u_next = _velocity(denoise(x_euler, _batch_time(s, x)), cs[i + 1])
+            u_next = _velocity(denoise(x_euler, _batch_time(s, x), step_start=t_b), cs[i + 1])
             x = x + (s - t) * 0.5 * (u + u_next)
         else:
             x = x_euler

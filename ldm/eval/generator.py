@@ -11,7 +11,8 @@ conversion (samplers.make_denoiser) -> time grid -> sampler. Noise comes from on
 
 Three ways to get one, all sampling through the same code:
     load_generator(run_or_checkpoint)              a run trained here (EMA weights by default)
-    load_official_generator(kind, weights, ...)    released DiT / SiT / LightningDiT weights
+    load_official_generator(kind, weights, ...)    released DiT / SiT / LightningDiT weights, sampled by default as
+                                                   their own sample scripts do (OFFICIAL_SETUPS)
     GeneratorTask.generator(network)               the network being trained (periodic FID, sample grids)
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ldm.config import RunConfig, SampleCfg, TokenizerCfg, config_from_dict
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guidance import classifier_free_guidance, interval_from_sit_time
 from ldm.diffusion.paths import Path, get_path
 from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, sampler_options, sampler_times
 from ldm.seeding import index_generators
@@ -43,16 +44,18 @@ def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None,
     `model(x, t, y)` is the generator; y (B,) class ids (None for unconditional). Guidance applies when
     sample_cfg.cfg_scale != 1 on class-conditional models; stochastic samplers draw from `generators`.
     """
-    if sample_cfg.cfg_scale != 1.0:
+    guided = sample_cfg.cfg_scale != 1.0
+    if guided:
         if num_classes < 1 or y is None:
             raise ValueError(f"sample.cfg_scale={sample_cfg.cfg_scale} needs a class-conditional model; this model "
                              f"is unconditional (use sample.cfg_scale=1)")
         model_fn = classifier_free_guidance(model, y, num_classes=num_classes, scale=sample_cfg.cfg_scale,
                                             interval=tuple(sample_cfg.interval), channels=sample_cfg.cfg_channels,
-                                            learned_sigma=learned_sigma)
+                                            learned_sigma=learned_sigma, rule=sample_cfg.guidance_rule)
     else:
         model_fn = (lambda x, t: model(x, t, y)) if y is not None else (lambda x, t: model(x, t, None))
-    denoise = make_denoiser(model_fn, path=path, prediction=prediction, learned_sigma=learned_sigma)
+    denoise = make_denoiser(model_fn, path=path, prediction=prediction, learned_sigma=learned_sigma,
+                            step_aware=guided)  # the guidance wrapper reads the step start (sample.guidance_rule)
     sampler = get_sampler(sample_cfg.sampler)
     return sampler(denoise, noise, sampler_times(sample_cfg, path), path=path, generator=generators,
                    **sampler_options(sample_cfg, learned_sigma))
@@ -84,12 +87,6 @@ class Generator:
     def device(self) -> torch.device:
         return self.normalizer.mean.device
 
-    @property
-    def task(self) -> Generator:
-        """The generator itself: callers written against the earlier LoadedGenerator reached the normaliser,
-        path and prediction through `.task`."""
-        return self
-
     def to(self, device: str | torch.device) -> Generator:
         for module in (self.model, self.normalizer, self.tokenizer):
             module.to(device)
@@ -100,31 +97,30 @@ class Generator:
         return self.tokenizer.decode(self.normalizer.denormalize(z))
 
     def sample_latents(self, noise: torch.Tensor, labels: torch.Tensor | None, *, sample_cfg: SampleCfg,
-                       generators: list[torch.Generator], model: nn.Module | None = None) -> torch.Tensor:
-        """`sample_latents` with this generator's path, prediction, classes and variance head."""
-        return sample_latents(self.model if model is None else model, noise, labels, path=self.path,
-                              prediction=self.prediction, sample_cfg=sample_cfg, num_classes=self.num_classes,
-                              learned_sigma=self.learned_sigma, generators=generators)
+                       generators: list[torch.Generator]) -> torch.Tensor:
+        """`sample_latents` with this generator's network, path, prediction, classes and variance head."""
+        return sample_latents(self.model, noise, labels, path=self.path, prediction=self.prediction,
+                              sample_cfg=sample_cfg, num_classes=self.num_classes, learned_sigma=self.learned_sigma,
+                              generators=generators)
 
     @torch.no_grad()
-    def generate(self, model: nn.Module | None, labels: torch.Tensor | None, indices: Sequence[int], seed: int, *,
+    def generate(self, labels: torch.Tensor | None, indices: Sequence[int], seed: int, *,
                  sample_cfg: SampleCfg | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] of the global sample `indices` (per-index seeds), labels (B,) or None.
 
-        `model` is the network to run (None: this generator's own; the training task passes its EMA copy); it runs
-        in eval mode and is put back in the mode it was in. sample_cfg defaults to the run's `cfg.sample`.
+        The network runs in eval mode and is put back in the mode it was in (the training task's generator wraps
+        its live network or EMA copy). sample_cfg defaults to the run's `cfg.sample`.
         """
         if sample_cfg is None:
             if self.cfg is None:
                 raise ValueError("Generator.generate needs sample_cfg: this generator carries no run config")
             sample_cfg = self.cfg.sample
-        model = self.model if model is None else model
         gens = index_generators(seed, indices)
         noise = initial_noise(self.latent_shape, gens, self.device)  # (B, C, h, w)
-        was_training = model.training
-        model.eval()
-        z = self.sample_latents(noise, labels, sample_cfg=sample_cfg, generators=gens, model=model)
-        model.train(was_training)
+        was_training = self.model.training
+        self.model.eval()
+        z = self.sample_latents(noise, labels, sample_cfg=sample_cfg, generators=gens)
+        self.model.train(was_training)
         return self.decode(z).clamp(-1, 1)
 
 
@@ -185,16 +181,38 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
 
 
 # How each official family was trained (ldm/models/checkpoints.py converts its network to OUR time) and the sampler
-# of its own sample script: DiT sample.py (DDPM, 250 respaced steps, eps + learned sigma, latents x 0.18215),
-# SiT sample.py (SDE, 250 steps, velocity), LightningDiT inference.py (Euler ODE, 250 steps, per-channel latent
-# mean/std of its VA-VAE with latent_multiplier 1).
+# of its own sample script, converted to our time (t = 0 data, t = 1 noise):
+#   dit           DiT sample.py: DDPM, 250 respaced steps, eps + learned sigma, latents x 0.18215.
+#   sit           SiT sample.py: SDE, 250 steps, velocity.
+#   lightningdit  LightningDiT inference.py with configs/lightningdit_xl_vavae_f16d32.yaml: torchdiffeq's fixed-grid
+#                 Euler on num_sampling_steps = 250 grid POINTS, linspace(0, 1, 250) in its time (data at 1), i.e.
+#                 249 steps; timestep_shift 0.3 maps each point to 0.3 t / (1 - 0.7 t), which is our shifted grid
+#                 with shift 1 / 0.3 (paths.shift_time); forward_with_cfg guides iff t_SiT >= cfg_interval_start
+#                 0.11, our interval [0, 0.89], and only output channels 0-2. Latents: its VA-VAE's per-channel
+#                 mean / std with latent_multiplier 1. The guidance scale stays the user's (--cfg): that config pairs
+#                 10.0 with this interval, its 800-epoch reproduction 6.7 with cfg_interval_start 0.125.
 OFFICIAL_SETUPS = {
-    "dit": {"path": "ddpm_linear", "prediction": "eps", "latent_norm": "scalar", "sampler": "ddpm", "steps": 250},
-    "sit": {"path": "linear", "prediction": "velocity", "latent_norm": "scalar", "sampler": "euler_maruyama",
-            "steps": 250},
-    "lightningdit": {"path": "linear", "prediction": "velocity", "latent_norm": "channel", "sampler": "euler",
-                     "steps": 250},
+    "dit": {"diffusion": dict(path="ddpm_linear", prediction="eps", latent_norm="scalar"),
+            "sample": dict(sampler="ddpm", steps=250)},
+    "sit": {"diffusion": dict(path="linear", prediction="velocity", latent_norm="scalar"),
+            "sample": dict(sampler="euler_maruyama", steps=250)},
+    "lightningdit": {"diffusion": dict(path="linear", prediction="velocity", latent_norm="channel"),
+                     "sample": dict(sampler="euler", steps=249, time_grid="shifted", shift=1 / 0.3,
+                                    interval=list(interval_from_sit_time(0.11)), cfg_channels="first3")},
 }
+
+
+def official_run_config(kind: str, *, tokenizer: str | FsPath | None = None) -> RunConfig:
+    """The run config an official family's weights sample under: its path, prediction and latent normalisation, and
+    its sample script's sampler (OFFICIAL_SETUPS) as the `sample` defaults."""
+    from ldm.config import DiffusionCfg
+
+    if kind not in OFFICIAL_SETUPS:
+        raise ValueError(f"--official={kind!r}; expected one of {sorted(OFFICIAL_SETUPS)}")
+    setup = OFFICIAL_SETUPS[kind]
+    pretrained = None if tokenizer is None else str(tokenizer)
+    return RunConfig(name=f"official-{kind}", tokenizer=TokenizerCfg(pretrained=pretrained),
+                     diffusion=DiffusionCfg(**setup["diffusion"]), sample=SampleCfg(**setup["sample"]))
 
 
 def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str | FsPath | None,
@@ -202,30 +220,24 @@ def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str 
     """A Generator from an official DiT / SiT / LightningDiT weights file and the tokenizer it was trained with
     (a diffusers AutoencoderKL folder: sd-vae-ft-ema for DiT/SiT, whose config gives the 0.18215 factor; a VA-VAE
     export with its latent statistics for LightningDiT). The released files hold EMA weights (training checkpoints:
-    their "ema" entry), so used_ema is True. Its `cfg` records the family's setup (OFFICIAL_SETUPS)."""
-    from ldm.config import DiffusionCfg, ModelCfg
+    their "ema" entry), so used_ema is True. Its `cfg` is official_run_config(kind)."""
     from ldm.models.checkpoints import load_official
     from ldm.tokenizers.export import load_tokenizer
 
-    if kind not in OFFICIAL_SETUPS:
-        raise ValueError(f"--official={kind!r}; expected one of {sorted(OFFICIAL_SETUPS)}")
+    cfg = official_run_config(kind, tokenizer=tokenizer)  # an unknown kind fails here, before any file is read
     if tokenizer is None:
         raise ValueError(f"--official {kind} needs --tokenizer FOLDER: the VAE its latents come from (diffusers "
                          f"AutoencoderKL folder or ldm tokenizer export)")
-    setup = OFFICIAL_SETUPS[kind]
     model = load_official(weights, kind)
     tok = load_tokenizer(tokenizer)
     if tok.latent_channels != model.in_channels:
         raise ValueError(f"--tokenizer {tokenizer} has {tok.latent_channels} latent channels; the {kind} weights "
                          f"{weights} take {model.in_channels}")
-    cfg = RunConfig(name=f"official-{kind}", tokenizer=TokenizerCfg(pretrained=str(tokenizer)),
-                    model=ModelCfg(learn_sigma=model.learn_sigma),
-                    diffusion=DiffusionCfg(path=setup["path"], prediction=setup["prediction"],
-                                           latent_norm=setup["latent_norm"]),
-                    sample=SampleCfg(sampler=setup["sampler"], steps=setup["steps"]))
+    cfg.model.learn_sigma = model.learn_sigma  # what the weights hold (DiT's released files: learned sigma)
     d = cfg.diffusion
     normalizer = normalizer_for(tok, kind=d.latent_norm, scaling_factor=d.scaling_factor)
-    gen = Generator(model=model.eval(), normalizer=normalizer, tokenizer=tok, path=get_path(d.path), prediction=d.prediction, num_classes=model.num_classes,
+    gen = Generator(model=model.eval(), normalizer=normalizer, tokenizer=tok, path=get_path(d.path),
+                    prediction=d.prediction, num_classes=model.num_classes,
                     latent_shape=(model.in_channels, model.input_size, model.input_size),
                     learned_sigma=cfg.model.learn_sigma, checkpoint=FsPath(weights), used_ema=True, cfg=cfg)
     return gen.to(device)

@@ -22,7 +22,8 @@ Interface shared with the UNet adapter (ldm/models/unet.py): `forward(x, t, y, *
     data sits at t = 1 (see ldm/models/checkpoints.py).
 
 Departures from the reference, all numerically neutral: fused QKV as one Linear (the reference does the same via
-timm), `F.scaled_dot_product_attention` (or xformers when asked), SiLU(c) computed once instead of inside every
+timm), `F.scaled_dot_product_attention` (or xformers / plain ops: `attn_backend`, layers.ATTENTION_BACKENDS; the
+kernels agree to float rounding), SiLU(c) computed once instead of inside every
 adaLN branch, the position embedding kept as a buffer rather than a frozen Parameter, the null label row always
 present (id = num_classes), and learned-sigma outputs kept whole (B, 2C, H, W) as DiT does; the SiT/LightningDiT
 habit of discarding the second half inside forward is handled at import time instead.
@@ -38,12 +39,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.layers import (
+    ATTENTION_BACKENDS,
     GeluMlp,
     GeneratorOutput,
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
     apply_rope,
+    check_attention_backend,
     check_generator_inputs,
     check_label_settings,
     condition_labels,
@@ -53,16 +56,14 @@ from ldm.models.layers import (
     swiglu_hidden,
 )
 
-ATTENTION_BACKENDS = ("sdpa", "xformers")
-
-
 def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     """Pre-modulation norm: affine-free LayerNorm (DiT) or RMSNorm with a learnable gain (LightningDiT)."""
     return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused QKV, optional QK-norm and 2-D RoPE (LightningDiT `Attention`)."""
+    """Multi-head self-attention with fused QKV, optional QK-norm and 2-D RoPE (LightningDiT `Attention`); the kernel
+    is layers.ATTENTION_BACKENDS[backend]."""
 
     def __init__(self, dim: int, num_heads: int, *, use_qknorm: bool, use_rmsnorm: bool, backend: str) -> None:
         super().__init__()
@@ -83,15 +84,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.backend == "xformers":
-            import xformers.ops as xops  # checked at construction
-
-            q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, H, Dh), xformers' layout
-            o = xops.memory_efficient_attention(q, k, v).reshape(B, L, D)  # (B, L, D)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
-            o = o.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        return self.proj(o)
+        return self.proj(ATTENTION_BACKENDS[self.backend](q, k, v))  # (B, L, D)
 
 
 class DiTBlock(nn.Module):
@@ -171,14 +164,7 @@ class DiT(nn.Module):
         check_label_settings(num_classes, class_dropout_prob)
         if repa_depth is not None and not 1 <= repa_depth <= depth:
             raise ValueError(f"repa_depth={repa_depth}; expected a block index in [1, depth={depth}]")
-        if attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attn_backend={attn_backend!r}; expected one of {ATTENTION_BACKENDS}")
-        if attn_backend == "xformers":
-            try:
-                import xformers.ops  # noqa: F401
-            except ImportError as e:
-                raise ImportError("attn_backend='xformers' needs the xformers package: "
-                                  "pip install 'ldm[xformers]'") from e
+        check_attention_backend(attn_backend)
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = in_channels
         self.learn_sigma = learn_sigma

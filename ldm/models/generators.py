@@ -16,14 +16,15 @@ from ldm.config import ModelCfg
 
 def build_dit_generator(model_cfg: ModelCfg, *, latent_channels: int, latent_size: int, num_classes: int,
                         repa_depth: int | None = None) -> nn.Module:
-    """A DiT preset (model.preset) with the LightningDiT switches of ModelCfg."""
+    """A DiT preset (model.preset) with the LightningDiT switches and the attention kernel of ModelCfg
+    (model.attention=xformers without the package fails here, naming the install command)."""
     from ldm.models.dit import build_dit
 
     return build_dit(model_cfg.preset, input_size=latent_size, in_channels=latent_channels,
                      num_classes=num_classes, class_dropout_prob=model_cfg.class_dropout,
                      learn_sigma=model_cfg.learn_sigma, use_swiglu=model_cfg.use_swiglu,
                      use_rmsnorm=model_cfg.use_rmsnorm, use_rope=model_cfg.use_rope,
-                     use_qknorm=model_cfg.use_qknorm, repa_depth=repa_depth,
+                     use_qknorm=model_cfg.use_qknorm, repa_depth=repa_depth, attn_backend=model_cfg.attention,
                      grad_checkpointing=model_cfg.grad_checkpointing)
 
 
@@ -34,6 +35,9 @@ def build_unet_generator(model_cfg: ModelCfg, *, latent_channels: int, latent_si
 
     if repa_depth is not None:
         raise ValueError("diffusion.repa needs model.arch=dit (REPA aligns transformer hidden states)")
+    if model_cfg.attention != "sdpa":  # refused rather than ignored: diffusers picks the UNet's attention processor
+        raise ValueError(f"model.attention={model_cfg.attention!r} applies to model.arch=dit; the UNet uses "
+                         f"diffusers' attention (leave model.attention=sdpa)")
     widths = tuple(model_cfg.unet_block_out_channels)
     return UNetGenerator(input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
                          block_out_channels=widths, layers_per_block=model_cfg.unet_layers_per_block,

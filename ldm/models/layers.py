@@ -1,7 +1,8 @@
 """Building blocks shared by the generator networks (DiT, LightningDiT, the UNet adapter).
 
-Pure functions first (adaLN modulation, sinusoidal embeddings, 2-D RoPE, label dropout and the label convention),
-then the small modules built on them (timestep / label embedders, RMSNorm, the GELU and SwiGLU feed-forward nets).
+Pure functions first (adaLN modulation, sinusoidal embeddings, 2-D RoPE, the attention kernels, label dropout and the
+label convention), then the small modules built on them (timestep / label embedders, RMSNorm, the GELU and SwiGLU
+feed-forward nets).
 
 Sources (facts and formulas only; the code is ours):
 - adaLN(-Zero), timestep and label embedders, 2-D sin-cos position embedding: Peebles & Xie 2023, "Scalable Diffusion
@@ -10,6 +11,8 @@ Sources (facts and formulas only; the code is ours):
 - RMSNorm: Zhang & Sennrich 2019 (arXiv:1910.07467), as hustvl/LightningDiT models/rmsnorm.py (Llama style: computed
   in float32, learnable gain, eps 1e-6).
 - SwiGLU: Shazeer 2020 (arXiv:2002.05202) Eq. (6), fused `w12` projection as LightningDiT models/swiglu_ffn.py.
+- Attention: softmax(Q K^T / sqrt(d)) V, Vaswani et al. 2017 (arXiv:1706.03762) Eq. (1); `ATTENTION_BACKENDS` are
+  three kernels for it (torch SDPA, xformers memory_efficient_attention, plain ops).
 - 2-D RoPE: Su et al. 2021 (arXiv:2104.09864) Eq. (34) applied per image axis, laid out as EVA-02's
   `VisionRotaryEmbeddingFast` used by LightningDiT models/pos_embed.py (first half of each head rotates with the row
   index, second half with the column index; channel pairs (2i, 2i+1) share frequency theta^(-4i/head_dim)).
@@ -18,6 +21,7 @@ Sources (facts and formulas only; the code is ours):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -103,6 +107,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     float32 (there is no complex bf16), returned in x's dtype. The tables stay real so `module.to(dtype)` keeps them."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., L, Dh/2) complex
     return torch.view_as_real(xc * torch.complex(cos.float(), sin.float())).flatten(-2).type_as(x)  # (..., L, Dh)
+
+
+class MissingExtraError(ImportError, ValueError):
+    """A setting needs an optional package that is not installed. An ImportError (the package is missing) and a
+    ValueError (the setting cannot be used as given), so ldm's CLI reports it in one line with the install command."""
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(Dh)) V (Vaswani et al. Eq. 1) in plain torch ops; q, k, v (B, H, L, Dh) -> (B, L, H*Dh)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)  # (B, L, H*Dh)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's F.scaled_dot_product_attention (flash / memory-efficient / math kernel chosen by torch)."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, L, H*Dh)
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """xformers' memory_efficient_attention, which takes (B, L, H, Dh) (check_attention_backend ran at build)."""
+    import xformers.ops as xops
+
+    q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, L, H, Dh) each
+    return xops.memory_efficient_attention(q, k, v).flatten(2)  # (B, L, H*Dh)
+
+
+ATTENTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sdpa": sdpa_attention,
+    "xformers": xformers_attention,
+    "math": math_attention,
+}
+
+
+def check_attention_backend(backend: str) -> None:
+    """Refuse an unknown backend (ValueError) or xformers when it is not installed (MissingExtraError, naming the
+    install command), when a network is built rather than at its first forward."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_backend={backend!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as e:
+            raise MissingExtraError("attention 'xformers' (model.attention / attn_backend) needs the xformers "
+                                    "package: pip install 'ldm[xformers]'") from e
 
 
 def drop_labels(
