@@ -5,11 +5,16 @@ import pytest
 import torch
 from torch import nn
 
+from ldm.config import EqCfg, TokenizerCfg, VaCfg
 from ldm.tokenizers.discriminator import NLayerDiscriminator
+from ldm.tokenizers.eq import build_eq
 from ldm.tokenizers.kl import build_autoencoder_kl
-from ldm.tokenizers.va import VFAligner, vf_loss
+from ldm.tokenizers.regularisers import build_regularisers
+from ldm.tokenizers.va import VaRegulariser, vf_loss
 from ldm.tokenizers.vq import VQAutoencoder
-from ldm.train.tokenizer_task import EqSettings, TokenizerTask, VfSettings
+from ldm.train.tokenizer_task import TokenizerTask
+
+EQ_HALF = {"enabled": True, "scale_num_min": 1, "scale_num_max": 1, "scale_den": 2}  # the scale set {0.5}
 
 
 def _kl_task(**kw):
@@ -17,7 +22,9 @@ def _kl_task(**kw):
     ae = build_autoencoder_kl(latent_channels=4, block_out_channels=[32, 32], layers_per_block=1,
                               mid_block_attention=False)
     disc = NLayerDiscriminator(filters=8, layers=1)
-    return TokenizerTask(autoencoder=ae, discriminator=disc, lpips=None, perceptual_weight=0.0, **kw)
+    cfg = TokenizerCfg(perceptual_weight=0.0, **kw)
+    return TokenizerTask(cfg, autoencoder=ae, discriminator=disc, lpips=None,
+                         regularisers=build_regularisers(cfg, autoencoder=ae))
 
 
 def _batch(n=2, size=16, seed=0):
@@ -94,9 +101,10 @@ def test_eq_mode_reconstructs_the_transformed_image_for_vq():
     torch.manual_seed(0)
     ae = VQAutoencoder(block_out_channels=[32, 32], layers_per_block=1, z_channels=32, codebook_size=16, code_dim=4,
                        mid_block_attention=False)
-    task = TokenizerTask(autoencoder=ae, discriminator=NLayerDiscriminator(filters=8, layers=1), lpips=None,
-                         perceptual_weight=0.0, disc_start=0,
-                         eq=EqSettings(scales=[0.5], p_equivariance=1.0, anisotropic=False, rotate=True))
+    task = TokenizerTask(TokenizerCfg(perceptual_weight=0.0, disc_start=0), autoencoder=ae,
+                         discriminator=NLayerDiscriminator(filters=8, layers=1), lpips=None,
+                         regularisers=[build_eq(EqCfg(**EQ_HALF, p_equivariance=1.0, anisotropic=False, rotate=True),
+                                                autoencoder=ae)])
     batch = _batch(size=16)
     out = task(batch, step=0, phase="gen")
     assert out.logs["eq_mode"] == 2.0 and "vq_perplexity" in out.logs and "loss_commit" in out.logs
@@ -111,7 +119,7 @@ def test_eq_mode_reconstructs_the_transformed_image_for_vq():
 
 
 def test_prior_scale_mode_downscales_the_input():
-    task = _kl_task(eq=EqSettings(scales=[0.5], p_equivariance=0.0, p_prior_scale=1.0), disc_start=0)
+    task = _kl_task(eq=EqCfg(**EQ_HALF, p_equivariance=0.0, p_prior_scale=1.0), disc_start=0)
     out = task(_batch(size=16), step=0, phase="gen")
     assert out.logs["eq_mode"] == 1.0 and task._cache[0][0].shape[-1] == 8
 
@@ -130,10 +138,10 @@ def test_va_loss_is_added_with_its_adaptive_weight_at_the_encoder():
     torch.manual_seed(0)
     vit = TinyViT()
     base = _kl_task()
-    va = VFAligner(encoder=vit, feature_dim=8, latent_channels=4)
-    task = TokenizerTask(autoencoder=base.autoencoder, discriminator=base.discriminator, lpips=None,
-                         perceptual_weight=0.0, disc_start=10, va=va,
-                         vf=VfSettings(vf_weight=0.1, margin_cos=0.5, margin_dist=0.25))
+    va = VaRegulariser(VaCfg(enabled=True, vf_weight=0.1, margin_cos=0.5, margin_dist=0.25), encoder=vit,
+                       feature_dim=8, latent_channels=4)
+    task = TokenizerTask(TokenizerCfg(perceptual_weight=0.0, disc_start=10), autoencoder=base.autoencoder,
+                         discriminator=base.discriminator, lpips=None, regularisers=[va])
     batch = _batch()
     torch.manual_seed(5)
     out = task(batch, step=0, phase="gen")
@@ -157,3 +165,18 @@ def test_visualize_grid():
     grid = task.visualize(_batch(n=3), None)
     assert grid.shape == (3, 2 * 16 + 3 * 2, 3 * 16 + 4 * 2) and 0 <= float(grid.min()) <= float(grid.max()) <= 1
     assert task.autoencoder.training  # restored after the eval-mode reconstruction
+
+
+def test_disc_phase_optimizer_settings_and_regulariser_sections():
+    from ldm.tokenizers.regularisers import REGULARISERS
+
+    base = _kl_task()
+    task = TokenizerTask(base.cfg, autoencoder=base.autoencoder, discriminator=base.discriminator, lpips=None,
+                         disc_lr=2e-4, disc_betas=[0.5, 0.9])
+    assert task.optimizer_settings("disc") == {"lr": 2e-4, "betas": (0.5, 0.9)}
+    assert task.optimizer_settings("gen") == {} and base.optimizer_settings("disc") == {}
+    for name in REGULARISERS:  # each regulariser is built from its own section of the tokenizer config
+        assert getattr(TokenizerCfg(), name).enabled is False
+    cfg = TokenizerCfg(eq=EqCfg(enabled=True), va=VaCfg(enabled=True, encoder="digits"))
+    built = build_regularisers(cfg, autoencoder=base.autoencoder)
+    assert [r.name for r in built] == list(REGULARISERS) and built[0].instant_logs == ("eq_mode",)

@@ -16,7 +16,7 @@ from conftest import REPO, run_python
 from ldm.runs import load_checkpoint
 from ldm.train.checkpoint import save_checkpoint
 from ldm.train.ema import EMA, ema_decay_at
-from ldm.train.loop import lr_lambda
+from ldm.train.loop import build_optimizer, lr_lambda
 
 TOY = str(REPO / "tests" / "toy.py")
 COMMON = ["train.max_steps=12", "train.grad_accum_steps=2", "train.keep_last=10"]
@@ -170,6 +170,18 @@ def test_lr_schedule_values():
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
     g = lr_lambda("linear", warmup_steps=0, max_steps=10, min_ratio=0.0)
     assert g(5) == pytest.approx(0.5) and lr_lambda("constant", 0, 10, 0.0)(7) == 1.0
+
+
+def test_build_optimizer_applies_a_phase_overrides():
+    from ldm.config import OptimCfg
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    group = build_optimizer(params, OptimCfg(lr=1e-3), {"lr": 2e-4, "betas": [0.5, 0.9]}).param_groups[0]
+    assert group["lr"] == 2e-4 and group["betas"] == (0.5, 0.9)
+    group = build_optimizer(params, OptimCfg(lr=1e-3)).param_groups[0]
+    assert group["lr"] == 1e-3 and group["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer(params, OptimCfg(), {"momentum": 0.9})
 
 
 def test_ema_update_by_hand():

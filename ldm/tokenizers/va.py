@@ -14,6 +14,9 @@ With z' = W z (the projected latent) and f the foundation features at the latent
   ||grad L_rec|| / (||grad L_vf|| + 1e-4) (clamped to [0, 1e8]) at the encoder's last conv, times vf_weight.
 
 m1 = 0.5 and m2 = 0.25 in the released model (configs/f16d32_vfdinov2.yaml: cos_margin 0.5, distmat_margin 0.25).
+
+`VaRegulariser` adds the VF loss to the tokenizer's training loss (the interface of ldm.tokenizers.regularisers,
+built from the config section tokenizer.va).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.config import VaCfg
+from ldm.frozen import HoldsFrozen
+from ldm.tokenizers.kl import encoder_last_layer
+from ldm.tokenizers.losses import adaptive_weight
 
 
 def margin_cosine_loss(z: torch.Tensor, f: torch.Tensor, margin: float) -> torch.Tensor:
@@ -60,25 +68,23 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int] | None = None) ->
     return tokens.transpose(1, 2).reshape(b, d, grid[0], grid[1])
 
 
-class VFAligner(nn.Module):
+class VFAligner(HoldsFrozen, nn.Module):
     """Frozen foundation encoder + the trainable bias-free 1x1 projection of VA-VAE (reverse_proj=True).
 
     `encoder` is any module mapping images in [-1, 1] to patch tokens (B, L, D) (ldm.encoders.build_encoder gives
-    DINOv2/MAE); `feature_dim` is D. The encoder is kept outside this module's parameters and state_dict (it is
-    frozen and large); it is moved to the input's device on first use.
+    DINOv2/MAE/digits); `feature_dim` is D. The encoder is held frozen (ldm.frozen.HoldsFrozen): outside this
+    module's parameters and state_dict, in eval mode, moved along by `.to()`.
     """
 
     def __init__(self, *, encoder: nn.Module, feature_dim: int, latent_channels: int):
         super().__init__()
         self.proj = nn.Conv2d(latent_channels, feature_dim, kernel_size=1, bias=False)
-        self.frozen = [encoder.eval().requires_grad_(False)]  # a list: not registered as a sub-module
+        self.add_frozen("encoder", encoder)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Foundation features resized (bilinear) to the latent grid: (B, 3, H, W) -> (B, D, h, w)."""
-        encoder = self.frozen[0]
-        if next(encoder.parameters(), images).device != images.device:
-            encoder.to(images.device)
+        encoder = self.frozen("encoder")
         tokens = encoder(images).float()  # (B, L, D)
         grid = getattr(encoder, "grid_size", None)
         grid = (grid, grid) if isinstance(grid, int) else (tuple(grid) if grid is not None else None)
@@ -92,3 +98,50 @@ class VFAligner(nn.Module):
     def forward(self, images: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected latent W z (B, D, h, w), foundation features (B, D, h, w))."""
         return self.proj(z), self.features(images, tuple(z.shape[-2:]))
+
+
+class VaRegulariser(VFAligner):
+    """VA-VAE as a tokenizer regulariser (the interface of ldm.tokenizers.regularisers), built from tokenizer.va.
+
+    Adds vf_weight * w_adaptive * L_vf(W z, f) to the gen loss, with z the sampled (KL) or quantised (VQ) latent of
+    the prepared input before any EQ-VAE transform, and w_adaptive the Eq. (4) weight at the encoder's last conv
+    (1 when cfg.adaptive is false). Its projection W trains with the autoencoder (state_dict key "va.proj.weight").
+    """
+
+    name = "va"
+    instant_logs = ()
+
+    def __init__(self, cfg: VaCfg, *, encoder: nn.Module, feature_dim: int, latent_channels: int):
+        super().__init__(encoder=encoder, feature_dim=feature_dim, latent_channels=latent_channels)
+        self.cfg = cfg
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def transform(self, z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z, target
+
+    def loss(self, *, x_in: torch.Tensor, z: torch.Tensor, nll: torch.Tensor,
+             autoencoder: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.cfg
+        z_proj, feats = self(x_in, z)  # (B, D, h, w) each
+        lvf = vf_loss(z_proj.float(), feats, margin_cos=c.margin_cos, margin_dist=c.margin_dist,
+                      cos_weight=c.cos_weight, distmat_weight=c.distmat_weight).mean()
+        weight = (adaptive_weight(nll, lvf, encoder_last_layer(autoencoder), max_weight=1e8) if c.adaptive
+                  else torch.ones((), device=lvf.device)) * c.vf_weight
+        return weight * lvf, {"loss_vf": lvf, "vf_weight": weight}
+
+    def gen_parameters(self) -> list[nn.Parameter]:
+        return list(self.proj.parameters())
+
+
+def build_va(cfg: VaCfg, *, autoencoder: nn.Module) -> VaRegulariser:
+    """The VA-VAE regulariser of `autoencoder`, with the frozen encoder cfg.encoder (weights cfg.weights). A missing
+    weights file fails here, before training starts."""
+    from ldm.encoders import build_encoder
+    from ldm.tokenizers.vq import VQAutoencoder
+
+    encoder = build_encoder(cfg.encoder, weights_path=cfg.weights)
+    latent_channels = autoencoder.latent_channels if isinstance(autoencoder, VQAutoencoder) \
+        else autoencoder.config.latent_channels
+    return VaRegulariser(cfg, encoder=encoder, feature_dim=encoder.feature_dim, latent_channels=latent_channels)

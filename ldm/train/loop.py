@@ -1,8 +1,14 @@
-"""`fit()`: the one training loop shared by the tokenizer and the generator stage.
+"""`fit()`: the one training loop shared by every stage (tokenizer, generator, ...).
 
-accelerate provides devices, DDP and mixed precision; everything else is here and identical for both stages:
+accelerate provides devices, DDP and mixed precision; everything else is here and identical for all stages:
 gradient accumulation, clipping, lr warm-up + schedule, EMA, one optimizer per task phase, TensorBoard/metrics.jsonl,
 progress bar, periodic grids and evaluation, atomic checkpoints, bit-exact resume, a NaN/inf guard and preemption.
+The loop knows no stage or phase names: a `Task` (ldm.train.task) declares its phases, their parameters and
+optimizer settings, and ldm.train.stages builds the task of a config's stage.
+
+`fit` reads top to bottom in sections (set-up, the step, logging, grids and evaluation, checkpoints, the end), as
+edm2's training_loop.py; the small building blocks come before it (lr schedule, optimizer, preemption flag, resume
+point), and the helper of each section after it, in the order fit calls them.
 
 Determinism (STYLE.md §5): torch's RNG is reseeded at every step from hash(seed, rank, step) (edm2's rule), the batch
 order is a pure function of (seed, epoch) and the checkpoint stores how many micro-batches were consumed; so a run
@@ -11,18 +17,20 @@ resumed from step k is bit-identical to one that never stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ldm.config import ConfigError, RunConfig, as_container, save_config
+from ldm.config import ConfigError, OptimCfg, RunConfig, TrainCfg, as_container, save_config
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.io import save_image_grid
 from ldm.runs import latest_checkpoint, load_checkpoint, load_state_strict, resolve_checkpoint, setup_logging
@@ -32,8 +40,9 @@ from ldm.train.ema import EMA
 from ldm.train.logging import MetricsWriter
 from ldm.train.task import Task
 
-# logged as their value at the logging step; every other scalar is averaged over the steps since the previous log
-_INSTANT_LOGS = ("train/lr", "train/ema_decay", "train/eq_mode")
+# logged as their value at the logging step (with the task's `instant_logs`); every other scalar is averaged over
+# the steps since the previous log
+_INSTANT_LOGS = ("train/lr", "train/ema_decay")
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,6 +56,25 @@ class FitResult:
     last_checkpoint: Path | None
     preempted: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """What the sections of `fit` share: accelerate's objects, the task, its optimizers and the counters."""
+    cfg: RunConfig
+    accelerator: Any
+    model: torch.nn.Module                          # the task as accelerate prepared it (DDP on several processes)
+    task: Task                                      # the task itself
+    groups: dict[str, list[torch.nn.Parameter]]     # {phase: parameters}
+    optimizers: dict[str, torch.optim.Optimizer]    # checkpointed
+    prepared: dict[str, Any]                        # accelerate's wrappers of the optimizers, which step
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    ema: EMA | None
+    writer: MetricsWriter | None = None
+    step: int = 0
+    position: int = 0                               # micro-batches consumed: the data sampler resumes here
+    last_ckpt: Path | None = None
+    nan_skips: int = 0
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -67,22 +95,18 @@ def lr_lambda(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float
     return f
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, phase: str) -> torch.optim.Optimizer:
-    """Adam/AdamW from optim.*; the tokenizer's "disc" phase uses optim.disc_lr / optim.disc_betas."""
-    o = cfg.optim
-    lr = (o.disc_lr or o.lr) if phase == "disc" else o.lr
-    betas = tuple(o.disc_betas if phase == "disc" else o.betas)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay)
-
-
-def build_task(cfg: RunConfig) -> tuple[Task, torch.utils.data.Dataset]:
-    """The stage's Task and dataset, from an explicit table (no string imports)."""
-    if cfg.stage == "tokenizer":
-        from ldm.train.tokenizer_task import build_tokenizer_task as build
-    else:
-        from ldm.train.generator_task import build_generator_task as build
-    return build(cfg)
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimCfg,
+                    overrides: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Adam/AdamW from optim.*, with one phase's overrides of them (Task.optimizer_settings, e.g. the tokenizer
+    discriminator's lr and betas)."""
+    settings = {"lr": optim.lr, "betas": optim.betas, "eps": optim.eps, "weight_decay": optim.weight_decay}
+    unknown = sorted(set(overrides or {}) - set(settings))
+    if unknown:
+        raise ValueError(f"optimizer settings {unknown} are not among {sorted(settings)}")
+    settings.update(overrides or {})
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
+               weight_decay=settings["weight_decay"])
 
 
 class _Preemption:
@@ -132,224 +156,324 @@ def _resolve_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------------ the loop
 def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Dataset | None = None,
         *, progress: bool = True) -> FitResult:
-    """Train `task` (default: built from cfg.stage) on `dataset` until train.max_steps; returns where things are."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object
+    """Train `task` (default: the one of cfg.stage, from ldm.train.stages) on `dataset` until train.max_steps;
+    returns where things are."""
+    from accelerate import PartialState
 
     t = cfg.train
-    mp = t.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
+    # -------------------------------------------------------------------- set-up: processes, logger, resume point
+    mp = _numerics(t)
+    procs = PartialState(cpu=not torch.cuda.is_available())
+    log = setup_logging(cfg.run_dir, procs.is_main_process)
+    resume_from = _resolve_resume(cfg, cfg.run_dir)
+    micro_bs = _micro_batch_size(t, procs.num_processes)
+    torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights on every process
+    if task is None:
+        from ldm.train.stages import build_task
+
+        task, dataset = build_task(cfg)
+    assert dataset is not None, "fit() needs a dataset when a task is given"
+    run = _prepare(cfg, task, mp, resume_from)  # the Accelerator needs the task's phases (DDP's unused parameters)
+    sampler, batches = _data(run, dataset, micro_bs)
+    _start(run, log, mp, resume_from)
+
+    preempted, metrics, last_batch = False, {}, None
+    window = _Window(_INSTANT_LOGS + tuple(f"train/{k}" for k in run.task.instant_logs))
+    bar = tqdm(total=t.max_steps, initial=run.step, disable=not (progress and procs.is_main_process),
+               desc=f"train {cfg.stage}", dynamic_ncols=True)
+    with _Preemption() as preemption:
+        while run.step < t.max_steps:
+            if t.max_epochs is not None and run.position // sampler.batches_per_epoch >= t.max_epochs:
+                break
+            # ------------------------------------------------------------ the step: every phase, same micro-batches
+            torch.manual_seed(derive_seed(cfg.seed, "step", procs.process_index, run.step))
+            micro = [{k: v.to(run.accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                     for _ in range(t.grad_accum_steps)]
+            run.position += t.grad_accum_steps
+            last_batch = micro[0]
+            logs, bad, stop = _train_step(run, micro, preemption)
+            preempted = preempted or stop
+            if bad is not None:
+                _skip_nonfinite(run, bad, log, bar)
+                continue  # the step counter does not advance: the same step index is retried on the next batch
+            if run.ema is not None:
+                logs["train/ema_decay"] = run.ema.update(run.task.ema_module(), run.step)
+            run.step += 1
+            bar.update(1)
+            # ------------------------------------------------------------ logging, grids, evaluation
+            metrics = _log(run, window, logs, bar) or metrics
+            _grids_and_evaluation(run, last_batch, log)
+            # ------------------------------------------------------------ checkpoints
+            if preempted:
+                run.last_ckpt = _checkpoint(run, log)
+                log.info("preemption signal received: checkpoint written at step %d; relaunch the same command "
+                         "to resume", run.step)
+                break
+            if run.step % t.ckpt_every == 0 or run.step == t.max_steps:
+                run.last_ckpt = _checkpoint(run, log)
+    bar.close()
+    # -------------------------------------------------------------------- the end: last checkpoint and grid
+    if not preempted:
+        if run.last_ckpt is None or not str(run.last_ckpt).endswith(f"step_{run.step:07d}"):
+            run.last_ckpt = _checkpoint(run, log)
+        _visualize(run, last_batch if last_batch is not None else
+                   {k: v.to(run.accelerator.device) for k, v in next(batches).items()})
+    run.writer.close()
+    if procs.is_main_process:
+        log.info("done: step %d | checkpoint %s | config %s | TensorBoard: tensorboard --logdir %s",
+                 run.step, run.last_ckpt, cfg.run_dir / "config.yaml", cfg.run_dir / "tb")
+    return FitResult(run_dir=cfg.run_dir, step=run.step, last_checkpoint=run.last_ckpt, preempted=preempted,
+                     metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------------------------ set-up
+def _numerics(t: TrainCfg) -> str:
+    """The mixed-precision mode ("auto": bf16 on CUDA, else fp32); train.deterministic turns deterministic
+    algorithms on and TF32 off."""
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    phases_hint = task.phases if task is not None else (("gen", "disc") if cfg.stage == "tokenizer" else ("model",))
-    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=len(phases_hint) > 1)])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    run_dir = cfg.run_dir
-    log = setup_logging(run_dir, accelerator.is_main_process)
-    resume_from = _resolve_resume(cfg, run_dir)
+    if t.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return t.mixed_precision
 
+
+def _micro_batch_size(t: TrainCfg, world: int) -> int:
     if t.batch_size % (world * t.grad_accum_steps):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum_steps = "
                           f"{world} x {t.grad_accum_steps}")
-    micro_bs = t.batch_size // (world * t.grad_accum_steps)
+    return t.batch_size // (world * t.grad_accum_steps)
 
-    torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights on every process
-    if task is None:
-        task, dataset = build_task(cfg)
-    assert dataset is not None, "fit() needs a dataset when a task is given"
+
+def _prepare(cfg: RunConfig, task: Task, mp: str, resume_from: Path | None) -> _Run:
+    """The Accelerator, one optimizer and lr schedule per phase, EMA; all restored from `resume_from` if given;
+    the task and optimizers prepared by accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # with several phases, each backward leaves the other phases' parameters without gradients
+    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=len(task.phases) > 1)])
+    t, o = cfg.train, cfg.optim
     task.to(accelerator.device)
     groups = task.param_groups()
     if tuple(groups) != tuple(task.phases):
         raise ValueError(f"Task.param_groups() keys {list(groups)} must equal Task.phases {list(task.phases)}")
-    optimizers = {ph: build_optimizer(groups[ph], cfg, ph) for ph in task.phases}
-    schedulers = {ph: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps,
-                                                                          t.max_steps, cfg.optim.min_lr_ratio))
+    optimizers = {ph: build_optimizer(groups[ph], o, task.optimizer_settings(ph)) for ph in task.phases}
+    schedulers = {ph: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, t.max_steps,
+                                                                          o.min_lr_ratio))
                   for ph, opt in optimizers.items()}
     ema = EMA(task.ema_module(), t.ema_decay, t.ema_warmup_steps) if t.ema else None
-    n_params = sum(p.numel() for ps in groups.values() for p in ps)
-
-    step, position, last_ckpt = 0, 0, None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location="cpu")
-        load_state_strict(task, ckpt["model"], f"{resume_from}/model.safetensors")
-        st = ckpt["state"]
-        for ph, opt in optimizers.items():
-            opt.load_state_dict(st["optimizers"][ph])
-            schedulers[ph].load_state_dict(st["schedulers"][ph])
-        if ema is not None:
-            if ckpt["ema"] is None:
-                raise ValueError(f"{resume_from} has no EMA weights but train.ema=true")
-            ema.load_state_dict(ckpt["ema"])
-        step, position, last_ckpt = int(st["step"]), int(st["data_position"]), resume_from
-        task.to(accelerator.device)
+    run = _Run(cfg, accelerator, model=task, task=task, groups=groups, optimizers=optimizers, prepared={},
+               schedulers=schedulers, ema=ema)
+    state = _restore(run, resume_from) if resume_from is not None else None
     if ema is not None:
         ema.model.to(accelerator.device)
+    run.model = accelerator.prepare_model(task)
+    run.prepared = {ph: accelerator.prepare_optimizer(opt) for ph, opt in optimizers.items()}
+    if state is not None and accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    run.task = accelerator.unwrap_model(run.model)
+    return run
 
-    model = accelerator.prepare_model(task)
-    prepared = {ph: accelerator.prepare_optimizer(opt) for ph, opt in optimizers.items()}
-    if resume_from is not None and accelerator.scaler is not None and "scaler" in ckpt["state"]:
-        accelerator.scaler.load_state_dict(ckpt["state"]["scaler"])
 
-    sampler = ResumableBatchSampler(len(dataset), micro_bs, seed=cfg.seed, rank=rank, world_size=world,
-                                    start=position)
+def _restore(run: _Run, path: Path) -> dict[str, Any]:
+    """Weights, optimizers, schedules, EMA and counters from the checkpoint at `path`; returns its training state."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    load_state_strict(run.task, ckpt["model"], f"{path}/model.safetensors")
+    st = ckpt["state"]
+    for ph, opt in run.optimizers.items():
+        opt.load_state_dict(st["optimizers"][ph])
+        run.schedulers[ph].load_state_dict(st["schedulers"][ph])
+    if run.ema is not None:
+        if ckpt["ema"] is None:
+            raise ValueError(f"{path} has no EMA weights but train.ema=true")
+        run.ema.load_state_dict(ckpt["ema"])
+    run.step, run.position, run.last_ckpt = int(st["step"]), int(st["data_position"]), path
+    run.task.to(run.accelerator.device)
+    return st
+
+
+def _data(run: _Run, dataset: torch.utils.data.Dataset, micro_bs: int):
+    """(the resumable batch sampler, an iterator of micro-batches starting at the run's data position)."""
+    acc, cfg = run.accelerator, run.cfg
+    sampler = ResumableBatchSampler(len(dataset), micro_bs, seed=cfg.seed, rank=acc.process_index,
+                                    world_size=acc.num_processes, start=run.position)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         pin_memory=accelerator.device.type == "cuda",
+                                         pin_memory=acc.device.type == "cuda",
                                          persistent_workers=cfg.data.num_workers > 0)
-    batches = iter(loader)
+    return sampler, iter(loader)
 
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+
+def _start(run: _Run, log: logging.Logger, mp: str, resume_from: Path | None) -> None:
+    """The run directory, its config.yaml and the opening log lines (main process); the metrics writer."""
+    acc, cfg = run.accelerator, run.cfg
+    if acc.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        n_params = sum(p.numel() for ps in run.groups.values() for p in ps)
         log.info("run %s | stage %s | %d processes on %s | mixed precision %s | %.2fM trainable parameters",
-                 run_dir, cfg.stage, world, accelerator.device, mp, n_params / 1e6)
+                 cfg.run_dir, cfg.stage, acc.num_processes, acc.device, mp, n_params / 1e6)
         if resume_from is not None:
-            log.info("resumed from %s (step %d)", resume_from, step)
-    writer = MetricsWriter(run_dir, accelerator.is_main_process)
-    unwrapped: Task = accelerator.unwrap_model(model)
+            log.info("resumed from %s (step %d)", resume_from, run.step)
+    run.writer = MetricsWriter(cfg.run_dir, acc.is_main_process)
 
-    def checkpoint() -> Path:
-        state = {"step": step, "data_position": position, "config": as_container(cfg), "task": unwrapped.describe(),
-                 "optimizers": {ph: opt.state_dict() for ph, opt in optimizers.items()},
-                 "schedulers": {ph: s.state_dict() for ph, s in schedulers.items()},
-                 "rng": gather_object([_rng_state()]) if world > 1 else [_rng_state()]}
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        path = None
-        if accelerator.is_main_process:
-            path = save_checkpoint(run_dir, step, model_state=unwrapped.state_dict(),
-                                   ema_state=ema.state_dict() if ema is not None else None, state=state,
-                                   keep_last=t.keep_last)
-            log.info("checkpoint %s", path)
-        accelerator.wait_for_everyone()
-        return run_dir / "checkpoints" / f"step_{step:07d}"
 
-    def visualize(batch) -> None:
-        grid = unwrapped.visualize(batch, ema.model if ema is not None else None)
-        if grid is not None and accelerator.is_main_process:
-            save_image_grid(grid, run_dir / "samples" / f"step_{step:07d}.png")
-            writer.image(step, "samples", grid)
+# ------------------------------------------------------------------------------------------------------ the step
+def _train_step(run: _Run, micro: list[dict[str, torch.Tensor]],
+                preemption: _Preemption) -> tuple[dict[str, float], str | None, bool]:
+    """Every phase of the task in order: accumulate gradients over the micro-batches, clip, check loss and grad
+    norm for non-finite values (all processes together), step the phase's optimizer and lr schedule.
 
-    nan_skips, preempted, metrics, last_batch = 0, False, {}, None
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
-               desc=f"train {cfg.stage}", dynamic_ncols=True)
-    window_start, window_steps, window_sums = time.perf_counter(), 0, {}
-    with _Preemption() as preemption:
-        while step < t.max_steps:
-            if t.max_epochs is not None and position // sampler.batches_per_epoch >= t.max_epochs:
-                break
-            torch.manual_seed(derive_seed(cfg.seed, "step", rank, step))
-            micro = []
-            for _ in range(t.grad_accum_steps):
-                batch = next(batches)
-                micro.append({k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()})
-            position += t.grad_accum_steps
-            last_batch = micro[0]
+    Returns the step's logs, what was non-finite (None if nothing was; the step's later phases are then skipped)
+    and whether any process received a preemption signal."""
+    acc, phases, clip = run.accelerator, run.task.phases, run.cfg.optim.grad_clip
+    logs: dict[str, float] = {}
+    stop = False
+    for ph in phases:
+        suffix = f"_{ph}" if len(phases) > 1 else ""
+        loss_sum = _accumulate(run, ph, micro, logs)
+        grad_norm = acc.clip_grad_norm_(run.groups[ph], clip if clip > 0 else float("inf"))
+        flags = torch.stack([(~torch.isfinite(torch.stack([loss_sum, grad_norm.float()]))).any().float(),
+                             torch.tensor(float(preemption.requested), device=loss_sum.device)])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        stop = stop or bool(flags[1] > 0)
+        logs[f"train/grad_norm{suffix}"] = float(grad_norm)
+        opt = run.prepared[ph]
+        if bool(flags[0] > 0):
+            bad_terms = [k for k, v in logs.items() if not math.isfinite(v)] or [f"train/loss ({ph})"]
+            opt.zero_grad(set_to_none=True)
+            bad = f"{bad_terms[0]} (phase {ph}, loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
+            return logs, bad, stop
+        opt.step()
+        run.schedulers[ph].step()
+        opt.zero_grad(set_to_none=True)
+        logs[f"train/lr{suffix}"] = run.schedulers[ph].get_last_lr()[0]
+    return logs, None, stop
 
-            logs: dict[str, float] = {}
-            bad: str | None = None
-            for ph in task.phases:
-                opt = prepared[ph]
-                loss_sum = 0.0
-                for i, mb in enumerate(micro):
-                    sync = i == len(micro) - 1
-                    with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                        out = model(mb, step=step, phase=ph, micro=i)
-                    accelerator.backward(out.loss / t.grad_accum_steps)
-                    loss_sum += out.loss.detach().float()
-                    for k, v in out.logs.items():
-                        logs[f"train/{k}"] = logs.get(f"train/{k}", 0.0) + float(v) / len(micro)
-                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(groups[ph], max_norm)
-                flags = torch.stack([(~torch.isfinite(torch.stack([loss_sum, grad_norm.float()]))).any().float(),
-                                     torch.tensor(float(preemption.requested), device=loss_sum.device)])
-                if world > 1:
-                    flags = accelerator.reduce(flags, reduction="sum")
-                nonfinite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
-                preempted = preempted or stop
-                logs[f"train/grad_norm_{ph}" if len(task.phases) > 1 else "train/grad_norm"] = float(grad_norm)
-                if nonfinite:
-                    bad_terms = [k for k, v in logs.items() if not math.isfinite(v)] or [f"train/loss ({ph})"]
-                    bad = f"{bad_terms[0]} (phase {ph}, loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
-                    opt.zero_grad(set_to_none=True)
-                    break
-                opt.step()
-                schedulers[ph].step()
-                opt.zero_grad(set_to_none=True)
-                logs[f"train/lr_{ph}" if len(task.phases) > 1 else "train/lr"] = schedulers[ph].get_last_lr()[0]
 
-            if bad is not None:
-                nan_skips += 1
-                where = last_ckpt if last_ckpt is not None else "none (no checkpoint was written yet)"
-                if nan_skips > t.max_nan_skips:
-                    bar.close()
-                    writer.close()
-                    raise TrainingDiverged(
-                        f"non-finite value at step {step}: {bad}. Stopped after {nan_skips} non-finite step(s) "
-                        f"(train.max_nan_skips={t.max_nan_skips}). Last good checkpoint: {where}. Lower the lr, "
-                        f"enable grad clipping or QK-norm, then resume from it with train.resume=auto")
-                log.warning("skipping step %d: non-finite %s (%d/%d skips allowed)", step, bad, nan_skips,
-                            t.max_nan_skips)
-                continue  # the step counter does not advance: the same step index is retried on the next batch
+def _accumulate(run: _Run, phase: str, micro: list[dict[str, torch.Tensor]], logs: dict[str, float]) -> torch.Tensor:
+    """Forward and backward of `phase` on each micro-batch (gradients synchronised across processes on the last
+    one only); adds the micro-batch mean of each task log to `logs`; returns the summed loss."""
+    acc, accum = run.accelerator, run.cfg.train.grad_accum_steps
+    loss_sum = 0.0
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1
+        with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
+            out = run.model(mb, step=run.step, phase=phase, micro=i)
+        acc.backward(out.loss / accum)
+        loss_sum += out.loss.detach().float()
+        for k, v in out.logs.items():
+            logs[f"train/{k}"] = logs.get(f"train/{k}", 0.0) + float(v) / len(micro)
+    return loss_sum
 
-            if ema is not None:
-                logs["train/ema_decay"] = ema.update(unwrapped.ema_module(), step)
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            writer.scalars(step, {k: v for k, v in logs.items() if k.startswith("train/grad_norm")}, jsonl=False)
-            for k, v in logs.items():
-                total, count = window_sums.get(k, (0.0, 0))
-                window_sums[k] = (total + v, count + 1)
-            if step % t.log_every == 0 or step == t.max_steps:
-                # Losses are logged as their mean over the steps since the last log (as DiT's train.py does), so
-                # log_every trades resolution for noise, not for skipped information; settings (lr, EMA decay, the
-                # EQ-VAE mode drawn) are logged as they are at this step.
-                logs = {k: v if k.startswith(_INSTANT_LOGS) else window_sums[k][0] / window_sums[k][1]
-                        for k, v in logs.items()}
-                window_sums = {}
-                if world > 1:
-                    keys = sorted(logs)
-                    vals = accelerator.reduce(torch.tensor([logs[k] for k in keys], device=accelerator.device),
-                                              reduction="mean")
-                    logs = dict(zip(keys, vals.tolist()))
-                elapsed = time.perf_counter() - window_start
-                logs["train/images_per_s"] = window_steps * t.batch_size / max(elapsed, 1e-9)
-                if torch.cuda.is_available():
-                    logs["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                writer.scalars(step, logs)
-                metrics = logs
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()
-                                 if k.startswith("train/loss") or k == "train/images_per_s"})
-                window_start, window_steps = time.perf_counter(), 0
-            if t.sample_every and step % t.sample_every == 0:
-                visualize(last_batch)
-            if t.eval_every and step % t.eval_every == 0:
-                val = unwrapped.evaluate(ema.model if ema is not None else None, step)
-                if val:
-                    writer.scalars(step, val)
-                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            if preempted:
-                last_ckpt = checkpoint()
-                log.info("preemption signal received: checkpoint written at step %d; relaunch the same command "
-                         "to resume", step)
-                break
-            if step % t.ckpt_every == 0 or step == t.max_steps:
-                last_ckpt = checkpoint()
-    bar.close()
-    if not preempted:
-        if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:07d}"):
-            last_ckpt = checkpoint()
-        visualize(last_batch if last_batch is not None else
-                  {k: v.to(accelerator.device) for k, v in next(batches).items()})
-    writer.close()
-    if accelerator.is_main_process:
-        log.info("done: step %d | checkpoint %s | config %s | TensorBoard: tensorboard --logdir %s",
-                 step, last_ckpt, run_dir / "config.yaml", run_dir / "tb")
-    return FitResult(run_dir=run_dir, step=step, last_checkpoint=last_ckpt, preempted=preempted, metrics=metrics)
+
+def _skip_nonfinite(run: _Run, bad: str, log: logging.Logger, bar) -> None:
+    """Count a non-finite step and warn; past train.max_nan_skips, stop with TrainingDiverged."""
+    t = run.cfg.train
+    run.nan_skips += 1
+    where = run.last_ckpt if run.last_ckpt is not None else "none (no checkpoint was written yet)"
+    if run.nan_skips > t.max_nan_skips:
+        bar.close()
+        run.writer.close()
+        raise TrainingDiverged(
+            f"non-finite value at step {run.step}: {bad}. Stopped after {run.nan_skips} non-finite step(s) "
+            f"(train.max_nan_skips={t.max_nan_skips}). Last good checkpoint: {where}. Lower the lr, "
+            f"enable grad clipping or QK-norm, then resume from it with train.resume=auto")
+    log.warning("skipping step %d: non-finite %s (%d/%d skips allowed)", run.step, bad, run.nan_skips,
+                t.max_nan_skips)
+
+
+# ------------------------------------------------------------------------------------------------------ logging
+class _Window:
+    """Sums of the logged scalars since the last log. Losses are logged as their mean over this window (as DiT's
+    train.py does), so log_every trades resolution for noise, not for skipped information; keys starting with one
+    of `instant` (settings: lr, EMA decay, what a task draws per step) are logged as they are at the logging step."""
+
+    def __init__(self, instant: tuple[str, ...]):
+        self.instant = instant
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.sums = time.perf_counter(), 0, {}
+
+    def add(self, logs: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in logs.items():
+            total, count = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v, count + 1)
+
+    def means(self, logs: dict[str, float]) -> dict[str, float]:
+        return {k: v if k.startswith(self.instant) else self.sums[k][0] / self.sums[k][1] for k, v in logs.items()}
+
+
+def _log(run: _Run, window: _Window, logs: dict[str, float], bar) -> dict[str, float] | None:
+    """Grad norms to TensorBoard every step; every train.log_every steps (and at the last) the window's scalars,
+    averaged over processes, with images/s and GPU memory, to TensorBoard, metrics.jsonl and the progress bar.
+    Returns what was logged (None between logging steps)."""
+    t, acc = run.cfg.train, run.accelerator
+    run.writer.scalars(run.step, {k: v for k, v in logs.items() if k.startswith("train/grad_norm")}, jsonl=False)
+    window.add(logs)
+    if run.step % t.log_every and run.step != t.max_steps:
+        return None
+    logs = window.means(logs)
+    if acc.num_processes > 1:
+        keys = sorted(logs)
+        vals = acc.reduce(torch.tensor([logs[k] for k in keys], device=acc.device), reduction="mean")
+        logs = dict(zip(keys, vals.tolist()))
+    logs["train/images_per_s"] = window.steps * t.batch_size / max(time.perf_counter() - window.start, 1e-9)
+    if torch.cuda.is_available():
+        logs["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    run.writer.scalars(run.step, logs)
+    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()
+                     if k.startswith("train/loss") or k == "train/images_per_s"})
+    window.reset()
+    return logs
+
+
+def _visualize(run: _Run, batch: dict[str, torch.Tensor]) -> None:
+    grid = run.task.visualize(batch, run.ema.model if run.ema is not None else None)
+    if grid is not None and run.accelerator.is_main_process:
+        save_image_grid(grid, run.cfg.run_dir / "samples" / f"step_{run.step:07d}.png")
+        run.writer.image(run.step, "samples", grid)
+
+
+def _grids_and_evaluation(run: _Run, last_batch: dict[str, torch.Tensor], log: logging.Logger) -> None:
+    """Every train.sample_every steps a grid of the task (samples/ and TensorBoard); every train.eval_every steps
+    the task's evaluation (on every process)."""
+    t = run.cfg.train
+    if t.sample_every and run.step % t.sample_every == 0:
+        _visualize(run, last_batch)
+    if t.eval_every and run.step % t.eval_every == 0:
+        val = run.task.evaluate(run.ema.model if run.ema is not None else None, run.step)
+        if val:
+            run.writer.scalars(run.step, val)
+            log.info("step %d: %s", run.step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def _checkpoint(run: _Run, log: logging.Logger) -> Path:
+    """Weights, EMA and the full training state (optimizers, schedules, every process's RNG, data position) at the
+    current step, written atomically by the main process."""
+    from accelerate.utils import gather_object
+
+    acc, t = run.accelerator, run.cfg.train
+    state = {"step": run.step, "data_position": run.position, "config": as_container(run.cfg),
+             "task": run.task.describe(),
+             "optimizers": {ph: opt.state_dict() for ph, opt in run.optimizers.items()},
+             "schedulers": {ph: s.state_dict() for ph, s in run.schedulers.items()},
+             "rng": gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]}
+    if acc.scaler is not None:
+        state["scaler"] = acc.scaler.state_dict()
+    if acc.is_main_process:
+        path = save_checkpoint(run.cfg.run_dir, run.step, model_state=run.task.state_dict(),
+                               ema_state=run.ema.state_dict() if run.ema is not None else None, state=state,
+                               keep_last=t.keep_last)
+        log.info("checkpoint %s", path)
+    acc.wait_for_everyone()
+    return run.cfg.run_dir / "checkpoints" / f"step_{run.step:07d}"
 
 
 def describe(result: FitResult) -> dict[str, Any]:

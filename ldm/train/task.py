@@ -6,7 +6,9 @@ whole task once with accelerate (DDP), so `forward` is the single entry point an
 
 A step runs each phase in `phases` in order (tokenizer: "gen" then "disc"; generator: "model"); for each phase the
 loop calls `task(batch, step=step, phase=phase, micro=i)` on every micro-batch of the accumulation window, back-
-propagates the returned loss, clips, and steps the optimizer of that phase.
+propagates the returned loss, clips, and steps the optimizer of that phase. Each phase has its own optimizer, built
+from optim.* with the task's `optimizer_settings(phase)` overrides. The loop knows no stage or phase names: what
+differs between stages is declared here.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ class Task(nn.Module, abc.ABC):
     """Base class: subclasses set `phases` and implement the methods below."""
 
     phases: tuple[str, ...] = ("model",)
+    # log keys (without "train/") that are settings drawn per step, logged as their value at the logging step;
+    # every other scalar is averaged over the steps since the previous log
+    instant_logs: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters each phase's optimizer updates: {phase: [params]}."""
+
+    def optimizer_settings(self, phase: str) -> dict:
+        """Overrides of optim.* for this phase's optimizer ("lr", "betas"); {} uses optim.* as they are."""
+        return {}
 
     @abc.abstractmethod
     def ema_module(self) -> nn.Module:
