@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from ldm.data.embedded import digits_arrays
-from ldm.data.images import BadImageError, ImageDataset, center_crop_arr, decode_image, iter_uint8_batches, open_source
+from ldm.data.images import ImageDataset, center_crop_arr, iter_uint8_batches
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.sources import BadImageError, decode_image, open_source
 from ldm.seeding import derive_seed
 
 

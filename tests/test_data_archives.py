@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.images import ImageDataset, SkipCounts, center_crop_arr, class_paths, decode_image, open_source, to_tensor
+from ldm.data.images import ImageDataset, SkipCounts, center_crop_arr, to_tensor
+from ldm.data.sources import class_paths, decode_image, open_source
 
 
 def _rgb(seed, size=(12, 10)):

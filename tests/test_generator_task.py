@@ -70,10 +70,10 @@ def test_flow_matching_dit_learns_and_samples_decode(tmp_path, vae_dir):
     assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()
     # the latent statistics travel in the checkpoint and come back for sampling
     gen = load_generator(tmp_path / "g")
-    assert gen.task.normalizer.kind == "channel"
-    assert torch.equal(gen.task.normalizer.mean, task.normalizer.mean)
-    assert torch.equal(gen.task.normalizer.std, task.normalizer.std)
-    again = gen.task.generate(gen.model, torch.arange(4), [0, 1, 2, 3], seed=0)
+    assert gen.normalizer.kind == "channel"
+    assert torch.equal(gen.normalizer.mean, task.normalizer.mean)
+    assert torch.equal(gen.normalizer.std, task.normalizer.std)
+    again = gen.generate(torch.arange(4), [0, 1, 2, 3], seed=0)
     assert again.shape == (4, 3, 16, 16) and torch.isfinite(again).all()
 
 

@@ -17,9 +17,10 @@ import torch
 from conftest import run_python
 
 from ldm.data.embedded import digits_arrays
-from ldm.data.images import ImageDataset, open_source
+from ldm.data.images import ImageDataset
 from ldm.data.latents import CACHE_CROPS, DTYPES, LatentCacheDataset, build_latent_cache, read_cache_meta
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.sources import open_source
 from ldm.tokenizers.export import Tokenizer, load_tokenizer
 from ldm.tokenizers.kl import build_autoencoder_kl
 

@@ -59,7 +59,8 @@ def _psnr(tok, x):
 
 
 def _heldout_crops(n=64, size=32):
-    from ldm.data.images import ImageDataset, open_source
+    from ldm.data.images import ImageDataset
+    from ldm.data.sources import open_source
 
     ds = ImageDataset(open_source(str(shared_file("images"))), size, crop="random", crops_per_image=1000,
                       class_cond=False)

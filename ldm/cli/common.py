@@ -85,7 +85,7 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, ValueError) and _raised_in_ldm(err):
         return True
     # imported here, on the error path only: both modules load torch, and `ldm --help` must stay instant
-    from ldm.data.images import BadImageError
+    from ldm.data.sources import BadImageError
     from ldm.train.loop import TrainingDiverged
 
     return isinstance(err, (BadImageError, TrainingDiverged))

@@ -34,8 +34,10 @@ Images are prepared like training data: ADM centre crop (--crop center) or plain
 Shards are written atomically and dealt to the processes of a distributed launch (CPU: gloo); a re-run of the same
 command skips finished shards, so a killed run continues where it stopped. meta.json records the tokenizer
 fingerprint (a generator refuses a cache from another tokenizer), the latent shape, count, dtype, flips, the data
-source and its fingerprint, the image size, and the per-channel latent mean/std and scalar scaling factor over all
-stored latents (float64 sums, independent of the number of processes)."""
+source and its fingerprint, the image size, the per-channel latent mean/std and scalar scaling factor over all
+stored latents (float64 sums, independent of the number of processes), and the bad image files skipped (with
+--on-error skip the item of an unreadable file holds the next good image's latent: counted as replaced, not as an
+image encoded)."""
 
 
 # = ldm.data.latents.CACHE_CROPS / DTYPES, not imported because that module loads torch (a test keeps them equal)
@@ -99,8 +101,9 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         print(f"\nlatent cache ready in {time.perf_counter() - start:.1f} s ({state.num_processes} process(es))\n"
               f"  directory      : {args.out}  ({_disk_size(Path(args.out)) / 2**20:.1f} MiB in {meta.num_shards} "
               f"shard(s) of up to {meta.shard_size})\n"
-              f"  images         : {meta.count} from {meta.data_source} at {meta.image_size} px ({meta.crop})"
+              f"  images         : {_images(meta)} from {meta.data_source} at {meta.image_size} px ({meta.crop})"
               f"{', + horizontal flips' if meta.flips else ''}; {meta.num_classes} classes\n"
+              f"{_bad_files(meta)}"
               f"  latents        : {tuple(meta.latent_shape)} {meta.dtype}\n"
               f"  tokenizer      : {meta.tokenizer_source} (fingerprint {meta.tokenizer_fingerprint})\n"
               f"  channel mean   : {_fmt(stats.mean)}\n"
@@ -108,6 +111,25 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
               f"  scaling factor : {stats.scaling_factor:.6f} (1 / std of all values)\n"
               f"  train with     : data.latents={args.out}")
     return 0
+
+
+def _images(meta) -> str:
+    """Distinct images encoded, and the items they fill when some items hold a replacement."""
+    if meta.images_encoded is None:
+        return f"{meta.count} items"
+    return f"{meta.images_encoded} encoded" + (f" into {meta.count} items" if meta.replaced_items else "")
+
+
+def _bad_files(meta, shown: int = 5) -> str:
+    """The summary lines on unreadable files: how many were skipped (the first `shown` named) and items replaced."""
+    if meta.bad_files is None:
+        return "  bad files      : not recorded (shards written by an older ldm)\n"
+    if not meta.bad_files:
+        return "  bad files      : none\n"
+    names = meta.bad_file_names[:shown]
+    more = f", and {meta.bad_files - len(names)} more" if meta.bad_files > len(names) else ""
+    return (f"  bad files      : {meta.bad_files} skipped: {', '.join(names)}{more}\n"
+            f"  replaced items : {meta.replaced_items} (each holds the latent of the next good image)\n")
 
 
 def _fmt(values: list[float]) -> str:

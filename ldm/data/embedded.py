@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from ldm.data.images import ArraySource
+from ldm.data.sources import ArraySource
 
 
 @lru_cache(maxsize=4)

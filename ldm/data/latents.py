@@ -4,11 +4,12 @@ Layout of a cache directory (shard s holds items [s * shard_size, min((s + 1) * 
 
     meta.json                 the plan (tokenizer fingerprint, latent shape, count, dtype, flips, data source and its
                               fingerprint, image size, crop, classes, shard size) and, once complete, the measured
-                              statistics of the stored latents (a record; see Statistics below)
+                              statistics of the stored latents (a record; see Statistics below) and what happened to
+                              unreadable images (see Bad files below)
     shard_00000.latents.npy   (n, C, h, w) float32 | float16: latents of the images
     shard_00000.flips.npy     (n, C, h, w) latents of the horizontally flipped images (with flips only)
     shard_00000.labels.npy    (n,) int64 class labels (0 when the source has none)
-    shard_00000.json          written last, marks the shard finished; holds its float64 moments
+    shard_00000.json          written last, marks the shard finished; holds its float64 moments and its bad files
 
 Encoding. KL tokenizers store the posterior *mean*; VQ tokenizers their quantised latents. The peers store one
 posterior *sample* (fast-DiT extract_features.py: `vae.encode(x).latent_dist.sample().mul_(0.18215)` of a randomly
@@ -24,6 +25,14 @@ Writing is atomic per shard (every array goes to a temporary file that is fsynce
 marker comes last), shards are dealt round-robin to the processes of `accelerate launch` / `torchrun` (shard s goes
 to rank s mod world), and a re-run skips finished shards, so a killed run continues where it stopped. A shard is
 always encoded in the same batches whatever the number of processes, so 1 and N processes write identical files.
+
+Bad files. With on_error=skip (the default, as in training) an unreadable image does not stop the cache: its item
+holds the latent of the next good image in source order (`ImageDataset`'s rule), so `count` items are stored but
+fewer distinct images were encoded. Each shard's marker records the unreadable files among its own items (every
+item reads its own image first, so all of them are found while the shard is encoded) and how many of its items were
+replaced; meta.json sums the shards: `bad_files`, `bad_file_names` (the first BAD_NAMES_KEPT, in source order) and
+`replaced_items`. Counting per shard, not per process, makes the record the same for any number of processes and
+for a run that was killed and resumed (a process's own masks only know what it read itself).
 
 Statistics. The cache records the statistics of what it holds (meta.json `stats`, a `LatentStats`): a description
 of the cache that `ldm cache-latents` prints and that can be checked against the tokenizer's. Training does NOT
@@ -112,6 +121,7 @@ class RunningMoments:
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+BAD_NAMES_KEPT = 100  # names of unreadable files meta.json lists (the count covers all of them)
 DTYPES = ("float32", "float16")
 CACHE_CROPS = ("center", "resize")
 # meta fields that define the cache's content: a re-run into the same directory must agree on all of them
@@ -127,7 +137,7 @@ class CacheMeta:
     tokenizer_kind: str
     tokenizer_scaling_factor: float | None  # the tokenizer's own scalar factor (e.g. SD-VAE 0.18215), if it has one
     latent_shape: list[int]                 # (C, h, w)
-    count: int                              # images (a flip is not counted separately)
+    count: int                              # items stored, replaced ones included (a flip is not counted apart)
     dtype: str
     flips: bool
     data_source: str
@@ -139,11 +149,20 @@ class CacheMeta:
     num_shards: int
     complete: bool = False
     stats: dict[str, Any] | None = None     # LatentStats fields of the stored latents, once complete (a record)
+    # once complete (None: unknown, for shards written by an ldm that did not record them; see Bad files above)
+    bad_files: int | None = None            # unreadable image files skipped
+    bad_file_names: list[str] | None = None # the first BAD_NAMES_KEPT of them, in source order
+    replaced_items: int | None = None       # items holding the next good image's latent instead of their own
 
     @property
     def latent_stats(self) -> LatentStats | None:
         """What the cache holds, measured; the generator normalises with the tokenizer's statistics instead."""
         return None if self.stats is None else LatentStats(**self.stats)
+
+    @property
+    def images_encoded(self) -> int | None:
+        """Distinct images whose latents the cache holds (`count` minus the replaced items)."""
+        return None if self.replaced_items is None else self.count - self.replaced_items
 
     def plan(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in PLAN_KEYS}
@@ -328,7 +347,8 @@ class _ShardWriter:
             self.arrays[name][rows] = stored
         self.arrays["labels"][rows] = labels.cpu().numpy().astype(np.int64)
 
-    def commit(self) -> None:
+    def commit(self, skips: dict[str, Any]) -> None:
+        """Make the arrays final, then write the marker with the shard's moments and `skips` (its bad files)."""
         from ldm.io import atomic_write_text
 
         for arr in self.arrays.values():
@@ -344,7 +364,7 @@ class _ShardWriter:
             for a in range(0, len(stored), 1024):  # fixed chunks: the sums depend only on the shard's content
                 moments.update(torch.from_numpy(np.array(stored[a:a + 1024], dtype=np.float64)))
         info = {"shard": self.s, "range": list(self.meta.shard_range(self.s)), "plan_id": self.meta.plan_id(),
-                "moments": {"n": moments.n, "s1": moments.s1.tolist(), "s2": moments.s2.tolist()}}
+                "moments": {"n": moments.n, "s1": moments.s1.tolist(), "s2": moments.s2.tolist()}, "skips": skips}
         atomic_write_text(_marker(self.cache_dir, self.s), json.dumps(info) + "\n")
 
 
@@ -375,7 +395,8 @@ def _data_settings(data, image_size: int | None, crop: str | None, on_error: str
 
 def _plan(tokenizer, d, *, flips: bool, dtype: str, shard_size: int):
     """(CacheMeta without statistics, the ImageDataset to encode) for DataCfg `d`."""
-    from ldm.data.images import ImageDataset, open_source
+    from ldm.data.images import ImageDataset
+    from ldm.data.sources import open_source
 
     f = tokenizer.downsample
     if d.image_size < 1 or d.image_size % f:
@@ -432,13 +453,32 @@ def _encode_shards(tokenizer, dataset, meta: CacheMeta, out_dir: Path, shards: l
         writer.put(offset, z, z_flip, batch["label"])
         bar.update(end - first)
         if offset + end - first == writer.n:
-            writer.commit()
+            writer.commit(_shard_skips(dataset, *meta.shard_range(s)))
             writer = None
     bar.close()
 
 
-def _finalise(out_dir: Path, meta: CacheMeta) -> None:
-    """Rank 0, after every shard is written: check them all, record the merged statistics, mark meta.json complete."""
+def _shard_skips(dataset, first: int, end: int) -> dict[str, Any]:
+    """The unreadable images among items [first, end) (source indices) and how many of these items were replaced.
+    A cache has one item per image (no random crops), so item i reads image i first: once the shard's batches are
+    encoded, every bad file of the range is in the dataset's `bad_mask`, whoever else read it."""
+    bad = torch.nonzero(dataset.bad_mask[first:end]).flatten() + first
+    return {"bad": bad.tolist(), "replaced": int(dataset.replaced_mask[first:end].sum())}
+
+
+def _record_skips(out_dir: Path, meta: CacheMeta, names: list[str]) -> None:
+    """Sum the shards' bad files and replaced items into `meta` (left None when a shard's marker predates them)."""
+    skips = [json.loads(_marker(out_dir, s).read_text()).get("skips") for s in range(meta.num_shards)]
+    if any(k is None for k in skips):
+        return
+    bad = [i for k in skips for i in k["bad"]]  # shards are disjoint and in order: source order, no duplicates
+    meta.bad_files, meta.bad_file_names = len(bad), [names[i] for i in bad[:BAD_NAMES_KEPT]]
+    meta.replaced_items = sum(k["replaced"] for k in skips)
+
+
+def _finalise(out_dir: Path, meta: CacheMeta, names: list[str]) -> None:
+    """Rank 0, after every shard is written: check them all, record the merged statistics and the bad files (`names`:
+    the source's file names), mark meta.json complete."""
     from ldm.io import atomic_write_text
 
     for s in range(meta.num_shards):
@@ -446,6 +486,7 @@ def _finalise(out_dir: Path, meta: CacheMeta) -> None:
         if problem is not None:
             raise RuntimeError(f"shard {s} of {out_dir} is not finished after encoding: {problem}")
     meta.stats = dataclasses.asdict(_merged_stats(out_dir, meta))
+    _record_skips(out_dir, meta, names)
     meta.complete = True
     atomic_write_text(out_dir / META_FILE, json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
 
@@ -459,7 +500,8 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
     `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flips` are taken
     from it) or a source spec ('digits', a folder, archive or .npz) with DataCfg's defaults; keyword arguments that
     are not None override. Call it from every process of a distributed launch: each encodes its own shards (s mod
-    world == rank), then rank 0 merges the statistics and finalises meta.json. Returns the complete `CacheMeta`.
+    world == rank), then rank 0 merges the statistics and the shards' bad-file records and finalises meta.json.
+    Returns the complete `CacheMeta`.
     """
     from accelerate import PartialState
 
@@ -492,7 +534,7 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
                    desc=f"cache-latents{f' rank {rank}/{world}' if world > 1 else ''}")
     state.wait_for_everyone()
     if state.is_main_process:
-        _finalise(out_dir, meta)
+        _finalise(out_dir, meta, dataset.source.names)
     state.wait_for_everyone()
     return read_cache_meta(out_dir)
 

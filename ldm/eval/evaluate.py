@@ -40,7 +40,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ldm.data.images import BadImageError, iter_uint8_batches, open_source
+from ldm.data.images import iter_uint8_batches
+from ldm.data.sources import BadImageError, open_source
 from ldm.eval.extractors import Extractor, InceptionExtractor, build_extractor
 from ldm.eval.features import dist_info, extract_features, gather_by_index, prefetch, to_nchw
 from ldm.eval.fid import (

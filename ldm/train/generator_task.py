@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.config import DiffusionCfg, EvalCfg, RunConfig, SampleCfg
+from ldm.config import ConfigError, DiffusionCfg, EvalCfg, RunConfig, SampleCfg
+from ldm.data.latents import CacheMeta, LatentCacheDataset, read_cache_meta
 from ldm.diffusion.objectives import training_loss
 from ldm.diffusion.paths import get_path
 from ldm.eval.generator import Generator, tokenizer_path
@@ -118,7 +119,7 @@ class GeneratorTask(HoldsFrozen, Task):
     def generate(self, model: nn.Module, labels: torch.Tensor | None, indices: list[int], seed: int) -> torch.Tensor:
         """Images in [-1, 1] for sample indices (per-index seeds) with the run's sampler and guidance (`sample`)."""
         gen = self.generator(model)
-        return gen.generate(gen.model, labels, indices, seed, sample_cfg=self.sample)
+        return gen.generate(labels, indices, seed, sample_cfg=self.sample)
 
     @torch.no_grad()
     def evaluate(self, ema, step: int) -> dict[str, float]:
@@ -141,7 +142,7 @@ class GeneratorTask(HoldsFrozen, Task):
                 idx = list(range(b * e.batch_size, min(e.num_samples, (b + 1) * e.batch_size)))
                 labels = labels_for(idx, classes, seed=seed)
                 labels = labels.to(gen.device) if labels is not None else None
-                images = gen.generate(gen.model, labels, idx, seed, sample_cfg=self.sample)
+                images = gen.generate(labels, idx, seed, sample_cfg=self.sample)
                 yield to_uint8(images), np.asarray(idx)
 
         weights = e.inception_weights if e.extractor == "inception" else None
@@ -159,25 +160,30 @@ class GeneratorTask(HoldsFrozen, Task):
         cols = min(self.num_classes, 10) if self.num_classes else 8
         rows = 4
         labels = torch.arange(cols).repeat(rows).to(gen.device) if self.num_classes else None
-        images = gen.generate(gen.model, labels, list(range(rows * cols)), self.sample.seed, sample_cfg=self.sample)
+        images = gen.generate(labels, list(range(rows * cols)), self.sample.seed, sample_cfg=self.sample)
         return make_grid(images, nrow=cols)
 
 
 # ------------------------------------------------------------------------------------------------------ building
 def build_generator_task(cfg: RunConfig):
-    """(GeneratorTask, dataset) for a generator config: images encoded on the fly, or the latent cache."""
+    """(GeneratorTask, dataset) for a generator config: images encoded on the fly, or the latent cache.
+
+    With a latent cache, every config key that contradicts what the cache holds is refused (ConfigError, one line per
+    key) before anything is loaded, so the config saved with the run describes what it trained on."""
     from ldm.data.images import build_dataset
     from ldm.models import build_generator_model
     from ldm.tokenizers.export import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path(cfg.tokenizer))
-    image_data = build_dataset(cfg.data) if cfg.data.latents is None or cfg.diffusion.repa else None
+    d = cfg.diffusion
+    tok_path = tokenizer_path(cfg.tokenizer)
     if cfg.data.latents is not None:
-        from ldm.data.latents import LatentCacheDataset
-
-        if cfg.diffusion.repa:
-            raise ValueError("diffusion.repa needs the images for the frozen encoder: unset data.latents to encode "
-                             "latents on the fly")
+        if d.repa:
+            raise ConfigError("diffusion.repa needs the images for the frozen encoder: unset data.latents to encode "
+                              "latents on the fly")
+        _refuse_contradicting_keys(cfg, read_cache_meta(cfg.data.latents))
+    tokenizer = load_tokenizer(tok_path)
+    image_data = build_dataset(cfg.data) if cfg.data.latents is None or d.repa else None
+    if cfg.data.latents is not None:
         dataset = LatentCacheDataset(cfg.data.latents, expected_fingerprint=tokenizer.fingerprint)
         num_classes = dataset.num_classes if cfg.data.class_cond else 0
         latent_shape = tuple(dataset[(0, 0)]["latent"].shape)
@@ -187,11 +193,10 @@ def build_generator_task(cfg: RunConfig):
         num_classes = dataset.num_classes
         f = tokenizer.downsample
         if cfg.data.image_size % f:
-            raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by the tokenizer's "
-                             f"downsampling factor {f}")
+            raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the tokenizer's "
+                              f"downsampling factor {f}")
         latent_shape = (tokenizer.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
         stats_images = _stat_batches(dataset, cfg.tokenizer.stats_num_images)
-    d = cfg.diffusion
     normalizer = normalizer_for(tokenizer, kind=d.latent_norm, scaling_factor=d.scaling_factor, images=stats_images,
                                 num_images=cfg.tokenizer.stats_num_images)
     model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
@@ -208,6 +213,59 @@ def build_generator_task(cfg: RunConfig):
                          fid_reference=cfg.eval.reference or cfg.data.source, image_size=cfg.data.image_size,
                          projector=projector, encoder=encoder)
     return task, dataset
+
+
+def _refuse_contradicting_keys(cfg: RunConfig, meta: CacheMeta) -> None:
+    """ConfigError, one line per key, when the config says something else than the latent cache records.
+
+    A generator trained from a cache sees the cache's images, crop and latents whatever the config says, while the
+    config is saved with the run and its checkpoints, and periodic FID takes its image size (data.image_size) and
+    default reference (data.source) from it: a contradiction is refused rather than recorded. Nothing is derived:
+    the saved config is the config as given, and a key left at its default cannot be told from one set to it.
+    The tokenizer's fingerprint is checked by LatentCacheDataset; data.hflip=false with stored flips is no
+    contradiction (stored flips are used, as data.latents documents)."""
+    lines = [f"{key}={mine!r} but the cache holds {what}: set {key}={theirs}"
+             f"{' or leave it out' if _default(key) == theirs else ''}"
+             for key, mine, theirs, what in _cache_facts(cfg, meta) if mine != theirs]
+    if cfg.data.hflip and not meta.flips:
+        lines.append("data.hflip=True but the cache stores no flipped latents: set data.hflip=false or leave it out, "
+                     "or rebuild the cache with flips (`ldm cache-latents --flip`)")
+    if cfg.data.source != meta.data_source and not _same_data(cfg.data.source, meta):
+        lines.append(f"data.source={cfg.data.source!r} but the cache was encoded from {meta.data_source!r} (not "
+                     f"the same files): set data.source={meta.data_source}"
+                     f"{' or leave it out' if _default('data.source') == meta.data_source else ''}")
+    if lines:
+        raise ConfigError(f"data.latents={cfg.data.latents} contradicts the config (the cache decides these):\n  "
+                          + ";\n  ".join(lines))
+
+
+def _cache_facts(cfg: RunConfig, meta: CacheMeta) -> list[tuple[str, object, object, str]]:
+    """(config key, the config's value, the cache's value, what the cache holds) for each key a cache fixes."""
+    channels_key = "tokenizer.vq.code_dim" if meta.tokenizer_kind == "vq" else "tokenizer.latent_channels"
+    channels = cfg.tokenizer.vq.code_dim if meta.tokenizer_kind == "vq" else cfg.tokenizer.latent_channels
+    return [("data.image_size", cfg.data.image_size, meta.image_size, f"{meta.image_size} px images"),
+            ("data.crop", cfg.data.crop, meta.crop, f"{meta.crop} crops"),
+            ("tokenizer.kind", cfg.tokenizer.kind, meta.tokenizer_kind,
+             f"latents of a {meta.tokenizer_kind} tokenizer"),
+            (channels_key, channels, meta.latent_shape[0], f"{meta.latent_shape[0]}-channel latents")]
+
+
+def _same_data(source: str, meta: CacheMeta) -> bool:
+    """Whether `source` holds the files the cache was encoded from (e.g. a moved folder): the same data fingerprint."""
+    from ldm.data.sources import open_source
+
+    try:
+        return open_source(source, meta.image_size).fingerprint() == meta.data_fingerprint
+    except (OSError, ValueError):  # missing or unreadable: not the cached data
+        return False
+
+
+def _default(key: str):
+    """The schema default of a dotted config key."""
+    node = RunConfig()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _stat_batches(dataset, num_images: int, batch_size: int = 64):
