@@ -37,7 +37,11 @@ def stage_configs(cfg: PipelineCfg) -> tuple[RunConfig, RunConfig]:
     gen = dataclasses.replace(
         cfg.generator, name="generator", stage="generator",
         train=dataclasses.replace(cfg.generator.train, run_root=root),
-        tokenizer=dataclasses.replace(cfg.generator.tokenizer, checkpoint=str(cfg.run_dir / "tokenizer")),
+        # the latent-shape keys follow the tokenizer stage, so the generator's check against the cache agrees
+        tokenizer=dataclasses.replace(cfg.generator.tokenizer, checkpoint=str(cfg.run_dir / "tokenizer"),
+                                      kind=tok.tokenizer.kind, latent_channels=tok.tokenizer.latent_channels,
+                                      vq=dataclasses.replace(cfg.generator.tokenizer.vq,
+                                                             code_dim=tok.tokenizer.vq.code_dim)),
         data=dataclasses.replace(cfg.generator.data, latents=str(cfg.run_dir / "latents")))
     return tok, gen
 

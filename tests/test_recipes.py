@@ -62,3 +62,16 @@ def test_every_shipped_config_loads():
             load_config(path, schema=schema)
         else:
             load_config(path)
+
+
+def test_lightningdit_recipe_builds_lightningdit_blocks():
+    """model.use_* default to false and override the preset, so the recipe must set them: SwiGLU + RMSNorm + RoPE."""
+    from ldm.models.layers import RMSNorm, SwiGLU
+
+    cfg = load_config(RECIPES / "lightningdit_xl1_vavae.yaml")
+    with torch.device("meta"):
+        model = build_generator_model(cfg.model, latent_channels=32, latent_size=16, num_classes=1000)
+    block = model.blocks[0]
+    assert isinstance(block.mlp, SwiGLU)
+    assert isinstance(block.norm1, RMSNorm)
+    assert model.rope_cos is not None
