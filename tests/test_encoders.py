@@ -128,3 +128,69 @@ def test_features_at_grid_reads_the_encoder_grid_and_resizes_to_the_target():
     with pytest.raises(ValueError, match="6 patch tokens"):
         features_at_grid(enc, x, (2, 3))
     assert tokens_to_grid(torch.zeros(1, 16, 5)).shape == (1, 5, 4, 4)
+
+
+# ------------------------------------------------------------------------------------ preprocessing vs the references
+class _Recorder(torch.nn.Module):
+    """Patch tokens of a random conv, remembering the tensor it was given (what the frozen encoder receives)."""
+
+    def __init__(self, patch=14, dim=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x.clone()
+        return self.conv(x).flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def _repa_transcription(images, size):
+    """REPA train.py preprocess_raw_image, DINOv2 branch, on the uint8-range image REPA's loader gives (x / 127.5 - 1
+    = images); `size` stands for its 224 * (resolution // 256)."""
+    from torchvision.transforms import Normalize
+
+    raw = (images + 1) * 127.5
+    x = raw / 255.
+    x = Normalize(IMAGENET_MEAN, IMAGENET_STD)(x)
+    return torch.nn.functional.interpolate(x, size, mode="bicubic")
+
+
+def _lightningdit_transcription(images, size):
+    """LightningDiT vavae/ldm/models/foundation_models.py aux_foundation_model.forward_dinov2 (224 -> `size`), on the
+    [-1, 1] image its LDM ImageNet loader gives (image / 127.5 - 1)."""
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_the_encoder_receives_each_references_preprocessed_image():
+    from ldm.encoders import PREPROCESSING
+
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for name, transcription in (("repa", _repa_transcription), ("lightningdit", _lightningdit_transcription)):
+        rec = _Recorder()
+        enc = FrozenEncoder(rec, image_size=28, patch_size=14, feature_dim=8, **PREPROCESSING[name])
+        enc(images)
+        assert rec.seen.shape == (2, 3, 28, 28)
+        torch.testing.assert_close(rec.seen, transcription(images, 28), rtol=0, atol=1e-5)
+    # LightningDiT's MAE (forward_mae) sees the image unresized: at the encoder's size nothing touches it
+    rec = _Recorder(patch=8)
+    FrozenEncoder(rec, image_size=40, patch_size=8, feature_dim=8, **PREPROCESSING["lightningdit"])(images)
+    assert torch.equal(rec.seen, images)
+
+
+def test_build_encoder_applies_the_named_preprocessing(monkeypatch):
+    from dataclasses import fields
+
+    from ldm import encoders
+    from ldm.config import VaCfg
+
+    monkeypatch.setattr(encoders, "load_vit", lambda name, weights_path=None, image_size=None: tiny_vit(224))
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    light = build_encoder("dinov2_vitl14", preprocess="lightningdit")
+    assert torch.equal(light.preprocess(images), _lightningdit_transcription(images, 224))
+    repa = build_encoder("dinov2_vitl14")  # the default: REPA's
+    torch.testing.assert_close(repa.preprocess(images), _repa_transcription(images, 224), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="preprocess='imagenet'.*lightningdit"):
+        build_encoder("dinov2_vitl14", preprocess="imagenet")
+    # the config offers exactly the named settings
+    choices = next(f for f in fields(VaCfg) if f.name == "preprocess").metadata["choices"]
+    assert set(choices) == set(encoders.PREPROCESSING) and VaCfg().preprocess == "repa"

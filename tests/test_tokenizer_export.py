@@ -205,3 +205,23 @@ def test_missing_foundation_encoder_weights_fail_before_training(tmp_path):
                                  f"tokenizer.va.weights={tmp_path / 'dinov2_vits14_pretrain.pth'}"])
     with pytest.raises(FileNotFoundError, match="dinov2_vits14"):
         build_tokenizer_task(cfg)
+
+
+def test_export_without_statistics_writes_no_scaling_not_sd_vae_s_factor(tmp_path, caplog):
+    run = _tiny_run(tmp_path, "nostats")
+    tok = load_tokenizer(run)
+    assert tok.stats is None and tok.scaling_factor is None
+    assert tok.model.config.scaling_factor == pytest.approx(0.18215)  # diffusers' default, SD-VAE's factor
+    with caplog.at_level("WARNING", logger="ldm.tokenizers.export"):
+        out = export_tokenizer(run, tmp_path / "export")
+    assert not (out / STATS_FILE).exists()
+    assert json.loads((out / "config.json").read_text())["scaling_factor"] == 1.0
+    assert load_tokenizer(out).scaling_factor == 1.0
+    msg = caplog.text
+    assert "scaling_factor=1.0" in msg and "0.18215" in msg and "ldm tokenizer-stats" in msg
+    # a diffusers folder declares its own factor: the export keeps it
+    vae = build_autoencoder_kl(latent_channels=4, block_out_channels=[32, 32], layers_per_block=1, sample_size=16)
+    vae.register_to_config(scaling_factor=0.25)
+    vae.save_pretrained(tmp_path / "vae")
+    again = export_tokenizer(tmp_path / "vae", tmp_path / "vae_export")
+    assert json.loads((again / "config.json").read_text())["scaling_factor"] == 0.25

@@ -175,3 +175,33 @@ def test_actnorm_initialises_to_zero_mean_unit_std():
     with pytest.raises(ValueError, match="norm"):
         NLayerDiscriminator(norm="group")
     assert NLayerDiscriminator(filters=8, layers=2, norm="act")(torch.zeros(1, 3, 16, 16)).shape == (1, 1, 2, 2)
+
+
+def test_vanilla_changes_only_the_discriminator_loss():
+    """disc_loss=vanilla is taming/LDM's: vanilla_d_loss = 0.5 (mean softplus(-D(x)) + mean softplus(D(x_rec))) for
+    D, and taming's generator loss -mean D(x_rec) for G, the same as with hinge (vqperceptual.py, contperceptual.py)."""
+    from dataclasses import fields
+
+    from ldm.config import TokenizerCfg
+    from ldm.tokenizers.losses import D_LOSSES, G_LOSSES, GAN_LOSSES
+
+    real = torch.tensor([[2.0, 0.5], [-1.0, 0.0]]).view(2, 1, 1, 2)
+    fake = torch.tensor([[-3.0, 0.0], [0.5, -0.5]]).view(2, 1, 1, 2)
+
+    def sp(v):
+        return math.log1p(math.exp(v))
+
+    # sample 0: real sp(-2), sp(-.5); fake sp(-3), sp(0). sample 1: real sp(1), sp(0); fake sp(.5), sp(-.5)
+    d = [0.5 * ((sp(-2.0) + sp(-0.5)) / 2 + (sp(-3.0) + sp(0.0)) / 2),
+         0.5 * ((sp(1.0) + sp(0.0)) / 2 + (sp(0.5) + sp(-0.5)) / 2)]
+    torch.testing.assert_close(D_LOSSES["vanilla"](real, fake), torch.tensor(d))
+    # taming reduces over the whole batch at once: the mean of the per-sample values (equal patch counts)
+    taming = 0.5 * (nn.functional.softplus(-real).mean() + nn.functional.softplus(fake).mean())
+    torch.testing.assert_close(D_LOSSES["vanilla"](real, fake).mean(), taming)
+    # G: -mean D(x_rec) per sample: -(-3 + 0) / 2 = 1.5, -(0.5 - 0.5) / 2 = 0
+    torch.testing.assert_close(G_LOSSES["vanilla"](fake), torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(G_LOSSES["hinge"](fake), torch.tensor([1.5, 0.0]))
+    assert G_LOSSES["non_saturating"] is non_saturating_g_loss and D_LOSSES["non_saturating"] is non_saturating_d_loss
+    assert D_LOSSES["hinge"] is hinge_d_loss
+    choices = next(f for f in fields(TokenizerCfg) if f.name == "disc_loss").metadata["choices"]
+    assert tuple(D_LOSSES) == tuple(G_LOSSES) == GAN_LOSSES == choices

@@ -180,3 +180,17 @@ def test_disc_phase_optimizer_settings_and_regulariser_sections():
     cfg = TokenizerCfg(eq=EqCfg(enabled=True), va=VaCfg(enabled=True, encoder="digits"))
     built = build_regularisers(cfg, autoencoder=base.autoencoder)
     assert [r.name for r in built] == list(REGULARISERS) and built[0].instant_logs == ("eq_mode",)
+
+
+def test_vanilla_gan_pairs_the_softplus_d_loss_with_the_minus_mean_g_loss():
+    task = _kl_task(disc_start=0, disc_loss="vanilla", disc_adaptive=False, disc_weight=0.5)
+    batch = _batch()
+    out = task(batch, step=0, phase="gen")
+    target, x_rec = task._cache[0]
+    logits_fake = task.discriminator(x_rec)  # train-mode BatchNorm: the batch's own statistics, as in the task
+    assert out.logs["loss_g"] == pytest.approx(float(-logits_fake.mean()), rel=1e-5)  # taming: -mean D(x_rec)
+    assert out.logs["d_weight"] == pytest.approx(0.5)
+    real, fake = task.discriminator(target), task.discriminator(x_rec)
+    d = task(batch, step=0, phase="disc")
+    expected = 0.5 * (nn.functional.softplus(-real).mean() + nn.functional.softplus(fake).mean())  # vanilla_d_loss
+    assert d.logs["loss_d"] == pytest.approx(float(expected), rel=1e-5)

@@ -85,3 +85,31 @@ def test_aligner_resizes_features_to_the_latent_grid_and_trains_only_the_project
     vf_loss(z_proj, feats).mean().backward()
     assert z.grad is not None and aligner.proj.weight.grad is not None
     assert all(p.grad is None and not p.requires_grad for p in vit.parameters())
+
+
+def test_build_va_feeds_the_encoder_as_tokenizer_va_preprocess_says(monkeypatch):
+    from pathlib import Path
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ldm import encoders
+    from ldm.config import VaCfg, load_config
+    from ldm.tokenizers.kl import build_autoencoder_kl
+    from ldm.tokenizers.va import build_va
+
+    def tiny_vit(name, weights_path=None, image_size=None):
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=224, patch_size=14, embed_dim=16, depth=1, num_heads=2, num_classes=0)
+
+    monkeypatch.setattr(encoders, "load_vit", tiny_vit)
+    ae = build_autoencoder_kl(latent_channels=4, block_out_channels=[32, 32], layers_per_block=1)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    va = build_va(VaCfg(enabled=True, encoder="dinov2_vitl14", preprocess="lightningdit"), autoencoder=ae)
+    # LightningDiT forward_dinov2: the [-1, 1] image, bilinear to 224 px, no normalisation
+    expected = nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    assert torch.equal(va.frozen("encoder").preprocess(x), expected)
+    assert va.features(x, (4, 4)).shape == (1, 16, 4, 4)
+    # the presets that follow LightningDiT's recipe use its preprocessing
+    for stage in (1, 2, 3):
+        cfg = load_config(Path(__file__).parents[1] / "configs" / "tokenizer" / f"vavae_f16c32_stage{stage}.yaml")
+        assert cfg.tokenizer.va.preprocess == "lightningdit"

@@ -177,6 +177,12 @@ class VaCfg:
     weights: Optional[str] = field(default=None, metadata={"help": "weights file of the encoder; null = torch hub's "
                                                                    "cache, then timm's files in the Hugging Face cache "
                                                                    "(digits: the shipped classifier)"})
+    preprocess: str = choice("repa", ("repa", "lightningdit"), "how the encoder sees the [-1, 1] image: repa = "
+                                                               "[0, 1], ImageNet mean/std, bicubic resize (REPA "
+                                                               "preprocess_raw_image); lightningdit = as it is, "
+                                                               "bilinear resize, no normalisation (LightningDiT "
+                                                               "VA-VAE); digits ignores it (ldm.encoders."
+                                                               "PREPROCESSING)")
     vf_weight: float = bounded(0.1, min=0.0, help="weight of the VF loss, times the adaptive weight when adaptive")
     margin_cos: float = bounded(0.5, min=0.0, max=2.0, help="m1 of the marginal cosine loss (Eq. 2): relu(1 - m1 - "
                                                             "cos) per position (released model: 0.5)")
@@ -262,8 +268,10 @@ class TokenizerCfg:
                                                     "discriminator still trains)")
     disc_adaptive: bool = field(default=True, metadata={"help": "scale the GAN loss by the adaptive weight of Esser "
                                                                 "et al. 2021 Eq. 7 (else by disc_weight alone)"})
-    disc_loss: str = choice("hinge", ("hinge", "non_saturating"), "GAN loss: hinge (taming/LDM) or non_saturating "
-                                                                  "(Goodfellow et al. 2014, softplus form)")
+    disc_loss: str = choice("hinge", ("hinge", "vanilla", "non_saturating"),
+                            "GAN losses: hinge (taming/LDM: hinge D loss, G loss -mean D(x_rec)), vanilla (taming/"
+                            "LDM: softplus D loss, the same G loss -mean D(x_rec)) or non_saturating (softplus D "
+                            "loss and G loss mean softplus(-D(x_rec)), Goodfellow et al. 2014)")
     disc_layers: int = bounded(3, min=1, help="stride-2 convolutions of the PatchGAN discriminator (taming n_layers); "
                                               "images must be at least 3 * 2**disc_layers px")
     disc_filters: int = bounded(64, min=1, help="channels of the discriminator's first conv (doubled per layer, at "

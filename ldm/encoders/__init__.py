@@ -10,12 +10,17 @@ Architectures come from timm, as LightningDiT (vavae/ldm/models/foundation_model
 nn.Module that maps preprocessed images (B, 3, S, S) to tokens (B, prefix + L, D) (a timm ViT's `forward_features`,
 or the module's own forward), so tests and users can plug in their own.
 
-Preprocessing follows REPA train.py `preprocess_raw_image` for DINOv2: images in [-1, 1] -> [0, 1] -> ImageNet
-mean/std normalisation -> bicubic resize to the encoder resolution (224 for 256-px images, a 16 x 16 token grid with
-patch 14). MAE in REPA sees the 256-px image unresized with a 16 x 16 grid, hence its default resolution 256. The
-position embedding is resampled to the encoder's grid once at load time (timm `checkpoint_filter_fn`, bicubic, as
-REPA's `resample_abs_pos_embed`). Note: LightningDiT's VA-VAE feeds DINOv2 its [-1, 1] input without ImageNet
-normalisation and resizes bilinearly; pass `normalize=False, resize_mode="bilinear"` to reproduce that exactly.
+Preprocessing (`PREPROCESSING`, the config's tokenizer.va.preprocess), images in [-1, 1] (B, 3, H, W) -> (B, 3, S, S):
+* "repa": REPA train.py `preprocess_raw_image` (DINOv2 branch): [-1, 1] -> [0, 1] -> ImageNet mean/std
+  normalisation -> bicubic resize to the encoder resolution S (224 for 256-px images, a 16 x 16 token grid with
+  patch 14). MAE in REPA sees the 256-px image unresized with a 16 x 16 grid, hence its default resolution 256.
+* "lightningdit": LightningDiT vavae/ldm/models/foundation_models.py `aux_foundation_model`: the [-1, 1] image as it
+  is (no mapping to [0, 1], no ImageNet normalisation), resized bilinearly (align_corners=False) to S: DINOv2 gets
+  224 px as the reference's `forward_dinov2`; MAE at its default 256 px sees a 256-px image unresized as
+  `forward_mae` does (the reference passes other sizes unresized to its dynamic-size ViT, we resize them to S).
+The digits trunk has its own fixed preprocessing ([-1, 1] -> [0, 1], bilinear to 32 px, no normalisation).
+The position embedding is resampled to the encoder's grid once at load time (timm `checkpoint_filter_fn`, bicubic,
+as REPA's `resample_abs_pos_embed` and LightningDiT's dynamic-size timm ViT do at their own times).
 
 Weights: `build_encoder(name, weights_path)` reads that file; without a path it looks for the official file in
 torch hub's cache (`torch.hub.get_dir()/checkpoints/<file>`, where `torch.hub.load` puts DINOv2) and for timm's
@@ -44,6 +49,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DIGITS_ENCODER = "digits"  # the shipped digits classifier's trunk (ldm/encoders/digits.py), beside the ViTs below
 
+# name -> FrozenEncoder preprocessing settings (see the module docstring for the sources)
+PREPROCESSING = {
+    "repa": {"to_unit_range": True, "normalize": True, "resize_mode": "bicubic"},
+    "lightningdit": {"to_unit_range": False, "normalize": False, "resize_mode": "bilinear"},
+}
+DIGITS_PREPROCESSING = {"to_unit_range": True, "normalize": False, "resize_mode": "bilinear"}
+
 # name: (timm architecture, timm pretrained tag, official file name, official URL directory, default resolution)
 ENCODERS = {
     **{f"dinov2_vit{s}14{reg}": (f"vit_{arch}_patch14{reg}_dinov2", "lvd142m", f"dinov2_vit{s}14{reg}_pretrain.pth",
@@ -61,7 +73,10 @@ ENCODERS = {
 class FrozenEncoder(nn.Module):
     """Preprocess images in [-1, 1] and return the encoder's patch tokens (B, L, D), without class/register tokens.
 
-    Parameters are frozen and the module stays in eval mode; forward runs without gradients.
+    Preprocessing, in this order: (x + 1) / 2 when `to_unit_range`, ImageNet mean/std when `normalize`, a resize
+    (`resize_mode`, align_corners=False) to `image_size` when the input has another size. `PREPROCESSING` names the
+    settings of REPA and LightningDiT. Parameters are frozen and the module stays in eval mode; forward runs without
+    gradients.
     """
 
     def __init__(
@@ -72,6 +87,7 @@ class FrozenEncoder(nn.Module):
         patch_size: int,
         feature_dim: int,
         num_prefix_tokens: int = 0,
+        to_unit_range: bool = True,
         normalize: bool = True,
         resize_mode: str = "bicubic",
     ) -> None:
@@ -84,6 +100,7 @@ class FrozenEncoder(nn.Module):
         self.image_size, self.patch_size, self.feature_dim = image_size, patch_size, feature_dim
         self.grid_size = image_size // patch_size
         self.num_prefix_tokens, self.normalize, self.resize_mode = num_prefix_tokens, normalize, resize_mode
+        self.to_unit_range = to_unit_range
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -91,8 +108,8 @@ class FrozenEncoder(nn.Module):
         return super().train(False)  # frozen: dropout / drop-path stay off
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised, S = image_size (REPA `preprocess_raw_image`)."""
-        x = (images.float() + 1) / 2  # [0, 1]
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S), S = image_size, the encoder's input (see the class docstring)."""
+        x = (images.float() + 1) / 2 if self.to_unit_range else images.float()  # [0, 1] or [-1, 1]
         if self.normalize:
             x = (x - self.mean) / self.std
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -211,21 +228,21 @@ def build_encoder(
     weights_path: str | Path | None = None,
     *,
     image_size: int | None = None,
-    normalize: bool = True,
-    resize_mode: str = "bicubic",
+    preprocess: str = "repa",
 ) -> FrozenEncoder:
     """A frozen pretrained encoder by name (see `ENCODERS`), e.g. "dinov2_vitb14" or "mae_vitl16", or "digits": the
     conv trunk of the digits classifier shipped with ldm (4 x width features on an 8 x 8 grid of 32-px digits; works
-    offline, so VA-VAE and the latent diagnostics can run without foundation-model weights). For "digits" the
-    preprocessing is fixed (32 px, bilinear, no ImageNet normalisation) and `weights_path` may name another
-    classifier file."""
+    offline, so VA-VAE and the latent diagnostics can run without foundation-model weights). `preprocess` names a
+    `PREPROCESSING` entry ("repa" or "lightningdit"); "digits" ignores it: its preprocessing is fixed (32 px,
+    bilinear, no ImageNet normalisation) and `weights_path` may name another classifier file."""
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"preprocess={preprocess!r}; expected one of {sorted(PREPROCESSING)}")
     if name == DIGITS_ENCODER:
         net = load_digits_classifier(weights_path)
         return FrozenEncoder(DigitsPatchFeatures(net.body), image_size=DIGITS_SIZE, patch_size=4,
-                             feature_dim=4 * net.config["width"], normalize=False, resize_mode="bilinear")
+                             feature_dim=4 * net.config["width"], **DIGITS_PREPROCESSING)
     model = load_vit(name, weights_path, image_size=image_size)
     return FrozenEncoder(
         model, image_size=image_size or ENCODERS[name][4], patch_size=model.patch_embed.patch_size[0],
-        feature_dim=model.embed_dim, num_prefix_tokens=model.num_prefix_tokens, normalize=normalize,
-        resize_mode=resize_mode,
+        feature_dim=model.embed_dim, num_prefix_tokens=model.num_prefix_tokens, **PREPROCESSING[preprocess],
     )

@@ -12,7 +12,10 @@ Latent statistics (`latent_stats.json`, see stats.py) are attached when they exi
 
 `export_tokenizer(src, out_dir)` writes a KL tokenizer as a diffusers folder (save_pretrained, the statistics also
 registered in its config as scaling_factor / latents_mean / latents_std) plus `latent_stats.json`; a VQ tokenizer as
-`vq_model.safetensors` + `vq_config.json` (+ stats).
+`vq_model.safetensors` + `vq_config.json` (+ stats). A KL tokenizer without statistics keeps the scaling factor
+`load_tokenizer` reports (a diffusers folder's own); when there is none (an ldm run before `ldm tokenizer-stats`)
+its config gets scaling_factor 1.0, no scaling, with a warning, never diffusers' default 0.18215 (SD-VAE's factor,
+which describes no other tokenizer).
 """
 
 from __future__ import annotations
@@ -334,16 +337,20 @@ def export_tokenizer(src: str | Path, out_dir: str | Path, *, use_ema: bool = Tr
     """Write the tokenizer at `src` (see load_tokenizer) to `out_dir` for inference; returns out_dir.
 
     KL: `AutoencoderKL.from_pretrained(out_dir)` gives the same network (decodes identically) and its config carries
-    scaling_factor / latents_mean / latents_std when statistics are known. Both kinds get latent_stats.json.
+    scaling_factor / latents_mean / latents_std when statistics are known; without them, the source's own
+    scaling_factor, else 1.0 and a warning (see the module docstring). Both kinds get latent_stats.json when known.
     """
     tok = load_tokenizer(src, use_ema=use_ema)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    identity_scale = tok.kind == "kl" and tok.stats is None and tok.scaling_factor is None
     if tok.kind == "kl":
         vae: AutoencoderKL = tok.model
         if tok.stats is not None:
             vae.register_to_config(scaling_factor=tok.stats.scaling_factor, latents_mean=list(tok.stats.mean),
                                    latents_std=list(tok.stats.std))
+        elif identity_scale:  # the model's config holds diffusers' default, SD-VAE's 0.18215
+            vae.register_to_config(scaling_factor=1.0)
         vae.save_pretrained(str(out_dir), safe_serialization=True)
     else:
         from ldm.io import atomic_write_text, save_tensors
@@ -354,7 +361,9 @@ def export_tokenizer(src: str | Path, out_dir: str | Path, *, use_ema: bool = Tr
     if tok.stats is not None:
         save_latent_stats(tok.stats, out_dir / STATS_FILE)
     else:
-        log.warning("%s has no latent statistics: exported without latent_stats.json (run `ldm tokenizer-stats`)",
-                    src)
+        scale_note = (", and its config.json says scaling_factor=1.0 (no scaling), not diffusers' default 0.18215 "
+                      "(SD-VAE's)" if identity_scale else "")
+        log.warning("%s has no latent statistics: exported without latent_stats.json%s. Run `ldm tokenizer-stats %s "
+                    "--data ... --image-size ...` and export again to record them.", src, scale_note, src)
     log.info("exported %s tokenizer %s (fingerprint %s) to %s", tok.kind, src, tok.fingerprint, out_dir)
     return out_dir

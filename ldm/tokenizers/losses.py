@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (the trunk LPIPS-VGG uses)
 REC_LOSSES = ("l1", "l2")
-GAN_LOSSES = ("hinge", "non_saturating")
+GAN_LOSSES = ("hinge", "vanilla", "non_saturating")  # tokenizer.disc_loss: the keys of D_LOSSES / G_LOSSES
 
 
 # ----------------------------------------------------------------------------------------------------------- pixels
@@ -81,7 +81,8 @@ def non_saturating_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) 
 
 
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Generator loss paired with the hinge discriminator: -mean D(x_rec) (taming vqperceptual.py L88)."""
+    """taming's generator loss: -mean D(x_rec) (taming vqperceptual.py L88, LDM contperceptual.py), used there with
+    either discriminator loss (`disc_loss: hinge` or `vanilla` changes only the D loss)."""
     return -logits_fake.flatten(1).mean(1)  # (B,)
 
 
@@ -94,8 +95,10 @@ def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).flatten(1).mean(1)  # (B,)
 
 
-D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
-G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
+# disc_loss -> (D loss, G loss). "vanilla" is taming/LDM's setting of that name: taming's vanilla_d_loss (= the
+# non-saturating D loss) with taming's generator loss, which is -mean D(x_rec) whatever the D loss.
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": non_saturating_d_loss, "non_saturating": non_saturating_d_loss}
+G_LOSSES = {"hinge": hinge_g_loss, "vanilla": hinge_g_loss, "non_saturating": non_saturating_g_loss}
 
 
 def adopt_weight(weight: float, step: int, start: int) -> float:

@@ -14,6 +14,9 @@ With z' = W z (the projected latent) and f the foundation features at the latent
   ||grad L_rec|| / (||grad L_vf|| + 1e-4) (clamped to [0, 1e8]) at the encoder's last conv, times vf_weight.
 
 m1 = 0.5 and m2 = 0.25 in the released model (configs/f16d32_vfdinov2.yaml: cos_margin 0.5, distmat_margin 0.25).
+The reference feeds DINOv2 the [-1, 1] image resized bilinearly to 224 px without ImageNet normalisation
+(vavae/ldm/models/foundation_models.py): tokenizer.va.preprocess=lightningdit, as the vavae_f16c32 presets set;
+the default, repa, gives the encoder REPA's input (ldm.encoders.PREPROCESSING).
 
 `VaRegulariser` adds the VF loss to the tokenizer's training loss (the interface of ldm.tokenizers.regularisers,
 built from the config section tokenizer.va).
@@ -21,13 +24,12 @@ built from the config section tokenizer.va).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import VaCfg
+from ldm.encoders import features_at_grid, tokens_to_grid  # noqa: F401 (tokens_to_grid: re-exported)
 from ldm.frozen import HoldsFrozen
 from ldm.tokenizers.kl import encoder_last_layer
 from ldm.tokenizers.losses import adaptive_weight
@@ -55,19 +57,6 @@ def vf_loss(z: torch.Tensor, f: torch.Tensor, *, margin_cos: float = 0.5, margin
             + cos_weight * margin_cosine_loss(z, f, margin_cos))
 
 
-def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """Patch tokens (B, L, D) -> feature map (B, D, gh, gw); a square grid is assumed when `grid` is None."""
-    b, n, d = tokens.shape
-    if grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"foundation encoder returned {n} patch tokens, not a square grid; give its grid size")
-        grid = (side, side)
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"foundation encoder returned {n} tokens, which do not fill its grid {tuple(grid)}")
-    return tokens.transpose(1, 2).reshape(b, d, grid[0], grid[1])
-
-
 class VFAligner(HoldsFrozen, nn.Module):
     """Frozen foundation encoder + the trainable bias-free 1x1 projection of VA-VAE (reverse_proj=True).
 
@@ -84,16 +73,7 @@ class VFAligner(HoldsFrozen, nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Foundation features resized (bilinear) to the latent grid: (B, 3, H, W) -> (B, D, h, w)."""
-        encoder = self.frozen("encoder")
-        tokens = encoder(images).float()  # (B, L, D)
-        grid = getattr(encoder, "grid_size", None)
-        grid = (grid, grid) if isinstance(grid, int) else (tuple(grid) if grid is not None else None)
-        if grid is not None and grid[0] * grid[1] != tokens.shape[1]:
-            grid = None  # the encoder adapted its grid to this input size: infer a square one
-        f = tokens_to_grid(tokens, grid)  # (B, D, gh, gw)
-        if tuple(f.shape[-2:]) != tuple(latent_hw):
-            f = F.interpolate(f, size=latent_hw, mode="bilinear", align_corners=False)
-        return f
+        return features_at_grid(self.frozen("encoder"), images, tuple(latent_hw))
 
     def forward(self, images: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected latent W z (B, D, h, w), foundation features (B, D, h, w))."""
@@ -136,12 +116,14 @@ class VaRegulariser(VFAligner):
 
 
 def build_va(cfg: VaCfg, *, autoencoder: nn.Module) -> VaRegulariser:
-    """The VA-VAE regulariser of `autoencoder`, with the frozen encoder cfg.encoder (weights cfg.weights). A missing
-    weights file fails here, before training starts."""
+    """The VA-VAE regulariser of `autoencoder`, with the frozen encoder cfg.encoder (weights cfg.weights) fed the
+    images as cfg.preprocess says (ldm.encoders.PREPROCESSING). A missing weights file fails here, before training
+    starts."""
+    # build_encoder is looked up at call time, so tests can substitute a tiny encoder
     from ldm.encoders import build_encoder
     from ldm.tokenizers.vq import VQAutoencoder
 
-    encoder = build_encoder(cfg.encoder, weights_path=cfg.weights)
+    encoder = build_encoder(cfg.encoder, weights_path=cfg.weights, preprocess=cfg.preprocess)
     latent_channels = autoencoder.latent_channels if isinstance(autoencoder, VQAutoencoder) \
         else autoencoder.config.latent_channels
     return VaRegulariser(cfg, encoder=encoder, feature_dim=encoder.feature_dim, latent_channels=latent_channels)

@@ -11,7 +11,9 @@ taming/LDM (Esser et al. 2021; Rombach et al. 2022). The generator loss is
       [+ entropy] + lambda * disc_factor * L_G
 
 with lambda the adaptive weight (losses.adaptive_weight, Esser et al. 2021 Eq. 7) times disc_weight and
-disc_factor = [step >= disc_start]. The discriminator loss is disc_factor * L_D(D(x), D(sg[x_rec])).
+disc_factor = [step >= disc_start]. The discriminator loss is disc_factor * L_D(D(x), D(sg[x_rec])). L_G and L_D
+are the pair tokenizer.disc_loss names (losses.G_LOSSES / D_LOSSES: hinge and vanilla share taming's
+L_G = -mean D(x_rec); non_saturating uses mean softplus(-D(x_rec))).
 
 Regularisers (ldm.tokenizers.regularisers: EQ-VAE in eq.py, VA-VAE in va.py, each built from its own config
 section) hook into the gen step: they may change what is encoded, decoded and compared (EQ-VAE: tau(z) against
