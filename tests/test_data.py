@@ -218,3 +218,19 @@ def test_iter_uint8_batches_shards_whole_batches_and_stops_at_the_limit():
         assert mine == one[rank::2]
     with pytest.raises(ValueError, match="on_error='ignore'"):
         next(iter_uint8_batches("digits", 10, on_error="ignore"))
+
+
+def test_sampler_sample_seeds_follow_the_global_batch_and_datasets_return_them():
+    """sample_seed = hash(seed, "sample", position, place in the global micro-batch): the same for a 1-process batch
+    of 2B and 2 processes of B, new at every position; datasets hand it on as "sample_seed" (int64) and leave
+    2-tuple keys as they were."""
+    one = iter(ResumableBatchSampler(40, 8, seed=3))
+    two = [iter(ResumableBatchSampler(40, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for position in range(7):  # crosses an epoch boundary (5 batches per epoch)
+        batch = next(one)
+        assert [s for _, _, s in batch] == [derive_seed(3, "sample", position, j) for j in range(8)]
+        assert batch == next(two[0]) + next(two[1])
+    data = ImageDataset(open_source("digits", 8), 8)
+    item = data[(5, 11, 2**62 + 1)]
+    assert item["sample_seed"].dtype == torch.int64 and int(item["sample_seed"]) == 2**62 + 1
+    assert torch.equal(item["image"], data[(5, 11)]["image"]) and "sample_seed" not in data[(5, 11)]

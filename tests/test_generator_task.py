@@ -177,3 +177,25 @@ def test_generators_dict_and_frozen_tokenizer_outside_the_state(tmp_path, vae_di
     assert {k.split(".")[0] for k in task.state_dict()} == {"model", "normalizer"}
     assert float(task.normalizer.scale) == 0.5 and task.tokenizer is task.generator().tokenizer
     assert not any(p is q for p in task.parameters() for q in task.tokenizer.parameters())
+
+
+def test_per_sample_draws_split_over_batches_and_legacy_runs_keep_the_global_rng(tmp_path, vae_dir):
+    """With "sample_seed" in the batch, each sample's time, noise and CFG label dropout come from its own generators:
+    the loss of a batch is the mean of its halves' losses (as when it is split over two processes) whatever torch's
+    global RNG holds. A run begun before per-sample draws (no "draws" in its checkpoint's task facts) keeps them."""
+    cfg = _cfg(tmp_path, vae_dir, "model.class_dropout=0.5", "tokenizer.stats_num_images=32")
+    task, data = build_generator_task(cfg)
+    items = [data[(i, 0, 1000 + i)] for i in range(8)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 4), slice(4, 8))]
+
+    def loss(b, seed):
+        torch.manual_seed(seed)
+        return float(task(b, step=0, phase="model").loss)
+
+    whole = loss(batch, 1)
+    assert whole == pytest.approx(sum(loss(h, 2 + i) for i, h in enumerate(halves)) / 2, rel=1e-6)
+    assert task.describe()["draws"] == "per_sample"
+    task.resume_facts({"kind": "generator"})
+    assert task.describe()["draws"] == "global"
+    assert loss(batch, 1) != loss(batch, 2)  # the global RNG draws again

@@ -237,3 +237,48 @@ def test_hybrid_loss_freezes_mean_for_vlb():
         training_loss(lambda x, tt: param, x0, path=get_path("linear"), prediction="eps", t=t, learned_sigma=True)
     with pytest.raises(ValueError, match="grid"):
         training_loss(lambda x, tt: param, x0, path=path, prediction="eps", t=t + 0.0004, learned_sigma=True)
+
+
+@pytest.mark.parametrize("path_name,prediction", [("linear", "velocity"), ("ddpm_linear", "eps")])
+def test_per_sample_generators_make_each_loss_independent_of_its_batch(path_name, prediction):
+    """One generator per sample: sample i's time and noise (hence its loss) are the same in the whole batch and in
+    either half of it, so a batch split over processes draws what one process draws; the distributions are those of
+    the batch draw (uniform / discrete times, standard normal noise)."""
+    path = get_path(path_name)
+    x0 = torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def model_fn(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    def gens(idx):
+        return [torch.Generator().manual_seed(100 + i) for i in idx]
+
+    whole, _ = training_loss(model_fn, x0, path=path, prediction=prediction, generator=gens(range(6)))
+    halves = [training_loss(model_fn, x0[s], path=path, prediction=prediction, generator=gens(range(6)[s]))[0]
+              for s in (slice(0, 3), slice(3, 6))]
+    assert torch.equal(whole, torch.cat(halves))
+    assert torch.equal(seen[0], torch.cat(seen[1:]))
+    # the same per-sample streams drawn one sample at a time, as sample_timesteps and torch.randn draw them
+    g = torch.Generator().manual_seed(104)
+    kind = "discrete" if path_name.startswith("ddpm") else "uniform"
+    t4 = sample_timesteps(1, kind, generator=g)
+    assert float(seen[0][4]) == pytest.approx(float(t4[0]))
+    with pytest.raises(ValueError, match="one per sample"):
+        training_loss(model_fn, x0, path=path, prediction=prediction, generator=gens(range(5)))
+
+
+def test_per_sample_times_and_noise_follow_the_batch_distributions():
+    seen = {}
+
+    def model_fn(x_t, t):
+        seen["t"], seen["x_t"] = t, x_t
+        return x_t
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2000)]
+    training_loss(model_fn, torch.zeros(2000, 1), path=get_path("linear"), prediction="velocity", generator=gens,
+                  timesteps="logit_normal")
+    t = seen["t"].double()
+    assert scipy.stats.kstest(torch.logit(t).numpy(), "norm").pvalue > 1e-3  # t = sigmoid(N(0, 1))
+    assert scipy.stats.kstest((seen["x_t"][:, 0].double() / t).numpy(), "norm").pvalue > 1e-3  # x_t = t eps at x0 = 0

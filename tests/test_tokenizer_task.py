@@ -194,3 +194,29 @@ def test_vanilla_gan_pairs_the_softplus_d_loss_with_the_minus_mean_g_loss():
     d = task(batch, step=0, phase="disc")
     expected = 0.5 * (nn.functional.softplus(-real).mean() + nn.functional.softplus(fake).mean())  # vanilla_d_loss
     assert d.logs["loss_d"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_per_sample_posterior_draws_and_keyed_eq_draw_do_not_depend_on_the_global_rng():
+    """With "sample_seed" in the batch, the gen loss of a batch is a function of the batch (the posterior noise per
+    sample, the EQ-VAE transform from (seed, step, micro)), not of torch's global RNG, which it leaves as it was;
+    without it (or for a run begun before per-sample draws, per its checkpoint's task facts) the global RNG draws."""
+    task = _kl_task(eq=EqCfg(**EQ_HALF, p_equivariance=0.5))
+    batch = {**_batch(4), "sample_seed": torch.arange(4, dtype=torch.int64) + 7}
+    losses, states = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        losses.append(task(batch, step=3, phase="gen").logs)
+        states.append(torch.get_rng_state())
+        task(batch, step=3, phase="disc")
+    assert losses[0] == losses[1]
+    torch.manual_seed(1)
+    assert torch.equal(states[0], torch.get_rng_state())  # the keyed draws did not advance the global stream
+    assert task.describe() == {"draws": "per_sample"}
+    task.resume_facts({})  # a checkpoint without "draws": written before per-sample draws
+    assert not task.per_sample_draws and task.describe() == {"draws": "global"}
+    torch.manual_seed(1)
+    legacy = task(batch, step=3, phase="gen").logs
+    torch.manual_seed(1)
+    assert task({"image": batch["image"]}, step=3, phase="gen").logs == legacy  # the sample seeds are not used
+    task.resume_facts({"draws": "per_sample"})
+    assert task.per_sample_draws

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.sampler import split_key
 from ldm.data.sources import BadImageError, ImageSource, open_source
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class SkipCounts(NamedTuple):
 class ImageDataset(torch.utils.data.Dataset):
     """Training dataset over a source. Items are addressed by (index, item_seed) pairs from `ldm.data.sampler`, so
     random crops and flips are a pure function of the seed: the same batch is produced after a resume or in a worker.
+    The sampler's (index, item_seed, sample_seed) keys also return "sample_seed" (int64), the key of the training
+    task's per-sample draws.
 
     With crop="random" every image yields `crops_per_image` items (index // crops_per_image is the image).
 
@@ -141,8 +144,8 @@ class ImageDataset(torch.utils.data.Dataset):
             log.warning("skipping bad image %d so far: %s", int(self.bad_mask.sum()), err)
             return None
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, key)
+    def __getitem__(self, key: tuple[int, ...] | int) -> dict[str, torch.Tensor]:
+        index, seed, extra = split_key(key)
         n = len(self.source)
         image_index = index // self.crops_per_image
         for attempt in range(n):  # a skipped file is replaced by the next good one, deterministically
@@ -159,7 +162,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         label = int(self.source.labels[image_index]) if self.class_cond else 0
-        return {"image": to_tensor(arr), "label": torch.tensor(label, dtype=torch.long)}
+        return {"image": to_tensor(arr), "label": torch.tensor(label, dtype=torch.long), **extra}
 
 
 def build_dataset(data_cfg) -> ImageDataset:

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.data.sampler import split_key
 from ldm.io import fsync_path
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def read_cache_meta(cache_dir: str | Path, *, check_shards: bool = True) -> Cach
 # ------------------------------------------------------------------------------------------------------ dataset
 class LatentCacheDataset(torch.utils.data.Dataset):
     """Cached latents addressed like `ImageDataset`: items by (index, item_seed) -> {"latent": (C, h, w) float32,
-    "label": long}.
+    "label": long} (and "sample_seed" for the sampler's (index, item_seed, sample_seed) keys, as ImageDataset).
 
     With flips stored, item (i, seed) is the flipped latent iff `np.random.default_rng([seed, i]).random() < 0.5`:
     the very draw `ImageDataset` makes for `hflip` with crop center/resize, so the cache feeds training the same
@@ -306,8 +307,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                                for name, path in shard_files(self.cache_dir, s, self.meta.flips).items()}
         return self._shards[s]
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, key)
+    def __getitem__(self, key: tuple[int, ...] | int) -> dict[str, torch.Tensor]:
+        index, seed, extra = split_key(key)
         if not 0 <= index < self.meta.count:
             raise IndexError(f"latent cache index {index} out of range [0, {self.meta.count})")
         s, offset = divmod(index, self.meta.shard_size)
@@ -315,7 +316,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         flip = self.use_flips and np.random.default_rng([seed, index]).random() < 0.5
         latent = torch.from_numpy(np.array(arrays["flips" if flip else "latents"][offset], dtype=np.float32))
         label = int(arrays["labels"][offset]) if self.class_cond else 0
-        return {"latent": latent, "label": torch.tensor(label, dtype=torch.long)}
+        return {"latent": latent, "label": torch.tensor(label, dtype=torch.long), **extra}
 
 
 # ------------------------------------------------------------------------------------------------------ writing

@@ -20,7 +20,7 @@ Pieces and their sources:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from ldm.diffusion.paths import (
     shift_time,
     x0_eps_from_prediction,
 )
+from ldm.diffusion.samplers import randn_like
 
 TIMESTEP_KINDS = ("uniform", "logit_normal", "discrete")
 WEIGHTINGS = (None, "min_snr")
@@ -189,7 +190,7 @@ def training_loss(
     prediction: str,
     t: Tensor | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     timesteps: str | None = None,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
@@ -207,7 +208,9 @@ def training_loss(
     loss = w(t) * mean_flat((out - target)^2) + cos_loss_weight * (1 - cos(out, target)) [+ L_vlb if learned_sigma],
     with target = prediction_target(prediction, x0, eps, t) and w = 1 or min-SNR-gamma.
     t / noise default to draws from `generator`: t from sample_timesteps(timesteps, mean=logit_mean, std=logit_std,
-    shift, t_min, t_max) where timesteps defaults to "discrete" on DDPM paths and "uniform" otherwise.
+    shift, t_min, t_max) where timesteps defaults to "discrete" on DDPM paths and "uniform" otherwise. `generator` is
+    one generator, one per sample (a list of B: sample i's t, then its noise, come from generator i, so they do not
+    depend on the batch it is in; training keys them by global sample index), or None (torch's global RNG).
     learned_sigma=True (DiT): the model outputs 2C channels, the first C are the prediction, the last C the
     LEARNED_RANGE variance values in [-1, 1]; the VLB term sees the prediction detached (DiT `frozen_out`) and needs a
     DDPM path and times on its grid.
@@ -218,16 +221,25 @@ def training_loss(
     if learned_sigma and not isinstance(path, DiscretePath):
         raise ValueError(f"learned_sigma=True needs a DDPM path (ddpm_linear, ddpm_cosine), got {path.name!r}")
     b = x0.shape[0]
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    if per_sample and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}; pass one per sample")
     if t is None:
         kind = timesteps or ("discrete" if isinstance(path, DiscretePath) else "uniform")
         extra = {"num_timesteps": path.num_timesteps} if isinstance(path, DiscretePath) else {}
-        t = sample_timesteps(b, kind, mean=logit_mean, std=logit_std, shift=shift, t_min=t_min, t_max=t_max,
-                             generator=generator, device=x0.device, **extra)
+
+        def draw(n, g, device):
+            return sample_timesteps(n, kind, mean=logit_mean, std=logit_std, shift=shift, t_min=t_min, t_max=t_max,
+                                    generator=g, device=device, **extra)
+
+        t = (torch.cat([draw(1, g, g.device).to(x0.device) for g in generator]) if per_sample
+             else draw(b, generator, x0.device))
     t = torch.as_tensor(t, device=x0.device)
     if t.shape != (b,):
         raise ValueError(f"t has shape {tuple(t.shape)}; expected ({b},)")
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = (randn_like(x0, generator) if per_sample
+                 else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
     x_t = path.noise(x0, noise, t)  # (B, C, ...)
     out = model_fn(x_t, t.to(x0.dtype))  # (B, C, ...) or (B, 2C, ...)
     if learned_sigma:

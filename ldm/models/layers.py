@@ -21,7 +21,7 @@ Sources (facts and formulas only; the code is ours):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -158,17 +158,23 @@ def drop_labels(
     null_id: int,
     prob: float,
     force_drop: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Classifier-free-guidance label dropout (Ho & Salimans 2022, arXiv:2207.12598 §3.2; DiT `token_drop`).
 
-    Labels where `force_drop` is true, or else with probability `prob` (drawn from `generator`, or torch's global
-    RNG when None), are replaced by `null_id`. y: (B,) long -> (B,) long.
+    Labels where `force_drop` is true, or else with probability `prob` (drawn from `generator`, one generator per
+    sample (a list of B: sample i's draw comes from generator i, whatever batch it is in), or torch's global RNG when
+    None), are replaced by `null_id`. y: (B,) long -> (B,) long.
     """
     if force_drop is not None:
         if force_drop.shape != y.shape:
             raise ValueError(f"force_drop has shape {tuple(force_drop.shape)}; expected {tuple(y.shape)}")
         drop = force_drop.to(device=y.device, dtype=torch.bool)
+    elif prob > 0 and generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != y.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {y.shape[0]} labels; pass one per sample")
+        u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generator])  # (B,)
+        drop = u.to(y.device) < prob
     elif prob > 0:
         drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
     else:
@@ -191,7 +197,7 @@ def condition_labels(
     num_classes: int,
     dropout_prob: float,
     force_drop: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | None = None,
     net: str = "generator",
 ) -> torch.Tensor | None:
@@ -200,7 +206,7 @@ def condition_labels(
     Ids 0..num_classes-1 are classes and id num_classes is the null label of classifier-free guidance (the embedding
     table has num_classes + 1 rows). y=None means every row is null. Labels then go through `drop_labels` with
     `dropout_prob` (pass 0 outside training; null rows draw their dropout too, so the RNG stream does not depend on
-    whether labels were given). Unconditional nets (num_classes=0) take no labels and get None.
+    whether labels were given), from `generator`: one, one per sample (training), or None (torch's global RNG). Unconditional nets (num_classes=0) take no labels and get None.
     y: (B,) long or None -> (B,) long or None. `net` names the network in error messages.
     """
     if num_classes == 0:

@@ -112,8 +112,9 @@ def prior_scale_image(x: torch.Tensor, t: EqTransform, downsample: int) -> torch
 class EqRegulariser(nn.Module):
     """EQ-VAE as a tokenizer regulariser (the interface of ldm.tokenizers.regularisers), built from tokenizer.eq.
 
-    Each gen step, `prepare` draws one transform per batch from torch's global RNG (before the encoder samples its
-    latent) and downscales the input in the prior mode; `transform` applies tau to the latent and the target in the
+    Each gen step, `prepare` draws one transform per batch from torch's global RNG, which the TokenizerTask seeds
+    by (seed, step, micro-batch) for this call, so every process draws the same transform as one process would;
+    it downscales the input in the prior mode; `transform` applies tau to the latent and the target in the
     equivariance mode. Every loss term is then computed as usual on what is decoded; the mode drawn is logged as
     "eq_mode" (index into EQ_MODES). No trainable parameters.
     """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,9 +73,17 @@ class Posterior(NamedTuple):
     mean: torch.Tensor
     logvar: torch.Tensor
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + exp(logvar / 2) * eps (reparameterisation, Kingma & Welling 2014 Eq. 10)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """z = mean + exp(logvar / 2) * eps (reparameterisation, Kingma & Welling 2014 Eq. 10). eps comes from
+        `generator`: one, one per sample (a list of B: sample i's eps from generator i, whatever batch it is in), or
+        None (torch's global RNG)."""
+        if generator is None or isinstance(generator, torch.Generator):
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        else:
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {self.mean.shape[0]}")
+            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g, device=g.device, dtype=self.mean.dtype)
+                               for g in generator]).to(self.mean.device)  # (B, C, h, w)
         return self.mean + torch.exp(0.5 * self.logvar) * eps
 
 

@@ -6,7 +6,15 @@ cases, so the same batch gives the same loss either way). They are normalised by
 the task, so they are stored in every generator checkpoint and used unchanged at decode time.
 
 The task holds the loss and the parameter groups. The loss is `ldm.diffusion.objectives.training_loss` (diffusion or
-flow matching, t=0 data, t=1 noise), plus REPA's alignment term when `diffusion.repa` is on. Sampling (the sample
+flow matching, t=0 data, t=1 noise), plus REPA's alignment term when `diffusion.repa` is on.
+
+Per-sample draws (STYLE.md §5): each sample's time t and noise come from a generator keyed by its "sample_seed"
+(ldm.data.sampler: hash of the run seed, the stream position and the global sample index), its CFG label dropout
+from a second one; so one process with batch B and N processes with B/N draw the same numbers and train the same
+weights, up to the order of float reductions. The networks draw nothing else in training (DiT has no dropout; the
+UNet's `dropout` defaults to 0, above 0 it uses torch's global RNG, which the loop seeds per process). Runs begun
+before per-sample draws (their checkpoints' task facts have no "draws") keep drawing from torch's global RNG when
+resumed (`resume_facts`), so they continue as they began; so do batches without "sample_seed". Sampling (the sample
 grid, periodic FID) goes through the inference `Generator` (ldm/eval/generator.py) built around the EMA or live
 network, the same code `ldm sample` runs.
 """
@@ -18,6 +26,7 @@ from torch import nn
 
 from ldm.config import ConfigError, DiffusionCfg, EvalCfg, RunConfig, SampleCfg
 from ldm.data.latents import CacheMeta, LatentCacheDataset, read_cache_meta
+from ldm.data.sampler import sample_generators
 from ldm.diffusion.objectives import training_loss
 from ldm.diffusion.paths import get_path
 from ldm.eval.generator import Generator, tokenizer_path
@@ -39,7 +48,7 @@ class GeneratorTask(HoldsFrozen, Task):
     def __init__(self, model: nn.Module, tokenizer: nn.Module, normalizer: LatentNormalizer, *,
                  diffusion: DiffusionCfg, learned_sigma: bool, num_classes: int, latent_shape: tuple[int, int, int],
                  sample: SampleCfg, eval_cfg: EvalCfg, fid_reference: str | None, image_size: int,
-                 projector: nn.Module | None = None, encoder: nn.Module | None = None):
+                 projector: nn.Module | None = None, encoder: nn.Module | None = None, per_sample_draws: bool = True):
         super().__init__()
         self.model = model
         self.normalizer = normalizer
@@ -52,6 +61,7 @@ class GeneratorTask(HoldsFrozen, Task):
         self.num_classes = num_classes
         self.latent_shape = tuple(latent_shape)
         self.path, self.prediction = get_path(diffusion.path), diffusion.prediction
+        self.per_sample_draws = per_sample_draws
 
     @property
     def tokenizer(self) -> nn.Module:
@@ -70,7 +80,12 @@ class GeneratorTask(HoldsFrozen, Task):
         tok = self.tokenizer
         return {"kind": "generator", "latent_shape": list(self.latent_shape), "num_classes": self.num_classes,
                 "tokenizer_source": str(tok.source), "tokenizer_fingerprint": tok.fingerprint,
-                "latent_norm": self.normalizer.kind}
+                "latent_norm": self.normalizer.kind, "draws": "per_sample" if self.per_sample_draws else "global"}
+
+    def resume_facts(self, saved: dict) -> None:
+        """Continue a checkpoint as it was trained: one written before per-sample draws (no "draws" in its task
+        facts) keeps torch's global-RNG draws."""
+        self.per_sample_draws = saved.get("draws", "global") == "per_sample"
 
     def latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised latents of a batch (from the cache or encoded now)."""
@@ -82,17 +97,21 @@ class GeneratorTask(HoldsFrozen, Task):
         x0 = self.latents(batch)  # (B, C, h, w)
         y = batch["label"] if self.num_classes > 0 else None
         hidden = {}
+        draws, labels = None, {}  # torch's global RNG (see the module docstring)
+        if self.per_sample_draws and "sample_seed" in batch:
+            draws = sample_generators(batch["sample_seed"], "diffusion", x0.device)  # t, then the noise
+            labels = {"generator": sample_generators(batch["sample_seed"], "label_dropout", x0.device)}
 
         def model_fn(x_t, t):
             if self.projector is None:
-                return self.model(x_t, t, y)
-            out = self.model(x_t, t, y, return_hidden=True)
+                return self.model(x_t, t, y, **labels)
+            out = self.model(x_t, t, y, return_hidden=True, **labels)
             hidden["h"] = out.hidden
             return out.output
 
         timesteps = None if d.path.startswith("ddpm") else d.t_sampler
-        loss, logs = training_loss(model_fn, x0, path=self.path, prediction=self.prediction, timesteps=timesteps,
-                                   logit_mean=d.t_mean, logit_std=d.t_std, shift=d.t_shift,
+        loss, logs = training_loss(model_fn, x0, path=self.path, prediction=self.prediction, generator=draws,
+                                   timesteps=timesteps, logit_mean=d.t_mean, logit_std=d.t_std, shift=d.t_shift,
                                    weighting=None if d.weighting == "none" else d.weighting,
                                    min_snr_gamma=d.min_snr_gamma, cos_loss_weight=d.cos_loss_weight,
                                    learned_sigma=self.learned_sigma)
@@ -187,6 +206,7 @@ def build_generator_task(cfg: RunConfig):
         dataset = LatentCacheDataset(cfg.data.latents, expected_fingerprint=tokenizer.fingerprint)
         num_classes = dataset.num_classes if cfg.data.class_cond else 0
         latent_shape = tuple(dataset[(0, 0)]["latent"].shape)
+        _check_patch(cfg.model, latent_shape[-1], f"the cache's latents (data.latents={cfg.data.latents})")
         stats_images = None
     else:
         dataset = image_data
@@ -196,6 +216,8 @@ def build_generator_task(cfg: RunConfig):
             raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the tokenizer's "
                               f"downsampling factor {f}")
         latent_shape = (tokenizer.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
+        _check_patch(cfg.model, latent_shape[-1], f"data.image_size={cfg.data.image_size} at the tokenizer's "
+                     f"downsampling {f}", downsample=f)
         stats_images = _stat_batches(dataset, cfg.tokenizer.stats_num_images)
     normalizer = normalizer_for(tokenizer, kind=d.latent_norm, scaling_factor=d.scaling_factor, images=stats_images,
                                 num_images=cfg.tokenizer.stats_num_images)
@@ -213,6 +235,24 @@ def build_generator_task(cfg: RunConfig):
                          fid_reference=cfg.eval.reference or cfg.data.source, image_size=cfg.data.image_size,
                          projector=projector, encoder=encoder)
     return task, dataset
+
+
+def _check_patch(model_cfg, latent_size: int, origin: str, downsample: int | None = None) -> None:
+    """ConfigError naming model.preset and where the latent size comes from (`origin`) when the DiT preset's patch
+    does not tile the latents; checked here, where the config keys are known, before latent statistics are computed
+    (DiT itself can only name its input_size). `downsample`: latents encoded from data.image_size, which may change."""
+    from ldm.models.dit import DIT_PRESETS
+
+    if model_cfg.arch != "dit" or model_cfg.preset not in DIT_PRESETS:
+        return  # the UNet has no patches; an unknown preset fails in build_dit with the list of presets
+    patch = DIT_PRESETS[model_cfg.preset].keywords["patch_size"]
+    if latent_size % patch:
+        patches = {preset.keywords["patch_size"] for preset in DIT_PRESETS.values()}
+        fits = sorted(p for p in patches if latent_size % p == 0)
+        fix = f", or data.image_size a multiple of {patch * downsample}" if downsample else ""
+        raise ConfigError(f"model.preset={model_cfg.preset!r} has patch size {patch}, which does not divide the "
+                          f"{latent_size}x{latent_size} latents of {origin}: choose a preset with patch size in "
+                          f"{fits}{fix}")
 
 
 def _refuse_contradicting_keys(cfg: RunConfig, meta: CacheMeta) -> None:
@@ -269,7 +309,14 @@ def _default(key: str):
 
 
 def _stat_batches(dataset, num_images: int, batch_size: int = 64):
-    """Deterministic image batches (the first `num_images` items) for latent statistics."""
+    """Deterministic image batches of the first `num_images` items for latent statistics: under torch.distributed
+    this process's contiguous share of them (compute_latent_stats all-reduces the sums), so the statistics are those
+    of the same images for any process count."""
+    from ldm.eval.features import dist_info
+
+    rank, world = dist_info()
     n = min(num_images, len(dataset))
-    for start in range(0, n, batch_size):
-        yield torch.stack([dataset[(i, 0)]["image"] for i in range(start, min(n, start + batch_size))])
+    share = -(-n // world)
+    first, end = rank * share, min(n, (rank + 1) * share)
+    for start in range(first, end, batch_size):
+        yield torch.stack([dataset[(i, 0)]["image"] for i in range(start, min(end, start + batch_size))])

@@ -19,8 +19,18 @@ Regularisers (ldm.tokenizers.regularisers: EQ-VAE in eq.py, VA-VAE in va.py, eac
 section) hook into the gen step: they may change what is encoded, decoded and compared (EQ-VAE: tau(z) against
 tau(x)), add a loss term (VA-VAE: the VF loss of the sampled, untransformed latent) and trainable parameters.
 The reconstruction of each gen micro-batch is cached (detached) and reused by the disc phase, so both phases see the
-same EQ draw (the reference draws twice, once per Lightning optimizer call). All randomness uses torch's global RNG,
-which the loop reseeds every step.
+same EQ draw (the reference draws twice, once per Lightning optimizer call).
+
+Draws (STYLE.md §5): the KL posterior sample of each image comes from a generator keyed by its "sample_seed"
+(ldm.data.sampler: hash of the run seed, the stream position and the global sample index), and the regularisers'
+per-batch draws (the EQ-VAE transform) from torch's RNG seeded by hash(seed, step, micro-batch) for the `prepare`
+calls only, the same on every process; so with the GAN off one process with batch B and N processes with B/N
+train the same autoencoder, up to the order of float reductions. What stays per process: the discriminator's
+BatchNorm statistics (each process normalises its own B/N images; DDP broadcasts rank 0's running statistics), so
+with the GAN on, L_G, L_D and the adaptive weight (computed from each process's own gradients) differ with the
+process count; VQ's entropy loss and dead-code restarts (torch's global RNG, seeded per process by the loop) are
+batch statistics too. Runs begun before these draws (their checkpoints' task facts have no "draws") keep torch's
+global RNG when resumed (`resume_facts`), as do batches without "sample_seed".
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ldm.config import TokenizerCfg
+from ldm.data.sampler import sample_generators
+from ldm.seeding import derive_seed
 from ldm.frozen import HoldsFrozen
 from ldm.tokenizers.discriminator import NLayerDiscriminator
 from ldm.tokenizers.export import (
@@ -64,13 +76,14 @@ class TokenizerTask(HoldsFrozen, Task):
     """The autoencoder, its discriminator and regularisers, trained from the config section `cfg` (the loss
     weights, disc_* and logvar settings; the architecture is the caller's). `lpips` is held frozen (not in the
     state_dict); `disc_lr` / `disc_betas` override optim.lr / optim.betas for the discriminator's optimizer (None:
-    the same as the autoencoder's)."""
+    the same as the autoencoder's). `seed` keys the per-batch draws; `per_sample_draws=False` draws everything from
+    torch's global RNG (runs begun before per-sample draws)."""
 
     phases = ("gen", "disc")
 
     def __init__(self, cfg: TokenizerCfg, *, autoencoder: nn.Module, discriminator: nn.Module,
                  lpips: nn.Module | None, regularisers: Sequence[Regulariser] = (), disc_lr: float | None = None,
-                 disc_betas: Sequence[float] | None = None):
+                 disc_betas: Sequence[float] | None = None, seed: int = 0, per_sample_draws: bool = True):
         super().__init__()
         if cfg.perceptual_weight > 0 and lpips is None:
             raise ValueError("perceptual_weight > 0 needs an LPIPS network (pass lpips=build_lpips(...))")
@@ -88,6 +101,7 @@ class TokenizerTask(HoldsFrozen, Task):
         self.disc_lr, self.disc_betas = disc_lr, disc_betas
         self.instant_logs = tuple(k for r in self.regularisers for k in r.instant_logs)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seed, self.per_sample_draws = seed, per_sample_draws
 
     # ------------------------------------------------------------------------------------------------ Task API
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -109,9 +123,18 @@ class TokenizerTask(HoldsFrozen, Task):
     def ema_module(self) -> nn.Module:
         return self.autoencoder
 
+    def describe(self) -> dict:
+        return {"draws": "per_sample" if self.per_sample_draws else "global"}
+
+    def resume_facts(self, saved: dict) -> None:
+        """Continue a checkpoint as it was trained: one written before per-sample draws (no "draws" in its task
+        facts) keeps torch's global-RNG draws."""
+        self.per_sample_draws = saved.get("draws", "global") == "per_sample"
+
     def forward(self, batch: dict[str, torch.Tensor], *, step: int, phase: str, micro: int = 0) -> StepOutput:
         if phase == "gen":
-            return self._generator_step(batch["image"], step, micro)
+            keyed = self.per_sample_draws and "sample_seed" in batch
+            return self._generator_step(batch["image"], step, micro, batch["sample_seed"] if keyed else None)
         if phase == "disc":
             return self._discriminator_step(step, micro)
         raise ValueError(f"phase={phase!r}; expected one of {self.phases}")
@@ -123,8 +146,10 @@ class TokenizerTask(HoldsFrozen, Task):
         params = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         return torch.func.functional_call(self.discriminator, params, (x,))
 
-    def _encode(self, x: torch.Tensor, logs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent to decode (B, C, h, w), the weighted KL or VQ codebook terms) of the input x."""
+    def _encode(self, x: torch.Tensor, logs: dict[str, torch.Tensor],
+                sample_seeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent to decode (B, C, h, w), the weighted KL or VQ codebook terms) of the input x; the KL posterior
+        sample is drawn per sample from `sample_seeds` (None: torch's global RNG)."""
         ae = self.autoencoder
         if self.is_vq:
             q = ae.encode(x)
@@ -133,7 +158,8 @@ class TokenizerTask(HoldsFrozen, Task):
                         loss_entropy=q.entropy_loss, vq_perplexity=q.perplexity, vq_usage=q.usage)
             return q.z_q, reg  # straight-through
         post = encode_posterior(ae, x)
-        z = post.sample()  # (B, C, h, w)
+        draws = None if sample_seeds is None else sample_generators(sample_seeds, "posterior", x.device)
+        z = post.sample(draws)  # (B, C, h, w)
         kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
         logs.update(loss_kl=kl, logvar=self.logvar)
         return z, self.cfg.kl_weight * kl
@@ -149,14 +175,23 @@ class TokenizerTask(HoldsFrozen, Task):
         logs.update(loss_rec=rec.mean(), loss_lpips=p.mean(), loss_nll=nll)
         return nll
 
-    def _generator_step(self, x: torch.Tensor, step: int, micro: int) -> StepOutput:
+    def _prepare(self, x: torch.Tensor, step: int, micro: int, keyed: bool) -> torch.Tensor:
+        """The regularisers' `prepare` (B, 3, H, W) -> (B, 3, H', W'). Their per-batch draws (the EQ-VAE transform)
+        come, when `keyed`, from torch's RNG seeded by (seed, step, micro) (the same on every process; the global
+        stream outside is left as it was), else from the global stream as it stands."""
+        with torch.random.fork_rng(devices=[], enabled=keyed):
+            if keyed:
+                torch.manual_seed(derive_seed(self.seed, "batch", step, micro))
+            for r in self.regularisers:
+                x = r.prepare(x)
+        return x
+
+    def _generator_step(self, x: torch.Tensor, step: int, micro: int, sample_seeds: torch.Tensor | None) -> StepOutput:
         cfg, ae = self.cfg, self.autoencoder
         logs: dict[str, torch.Tensor] = {}
-        x_in = x
-        for r in self.regularisers:
-            x_in = r.prepare(x_in)  # (B, 3, H', W')
-        # the posterior sample comes after the regularisers' draws (the EQ-VAE mode) from the global RNG
-        z, reg = self._encode(x_in, logs)  # (B, C, h, w)
+        x_in = self._prepare(x, step, micro, keyed=sample_seeds is not None)  # (B, 3, H', W')
+        # unkeyed, the posterior sample comes after the regularisers' draws (the EQ-VAE mode) from the global RNG
+        z, reg = self._encode(x_in, logs, sample_seeds)  # (B, C, h, w)
         z_dec, target = z, x_in
         for r in self.regularisers:
             z_dec, target = r.transform(z_dec, target)
@@ -231,7 +266,7 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
     # built last, so switching a regulariser on leaves the autoencoder's and discriminator's init as they were
     regularisers = build_regularisers(tok, autoencoder=autoencoder)
     task = TokenizerTask(tok, autoencoder=autoencoder, discriminator=disc, lpips=lpips, regularisers=regularisers,
-                         disc_lr=cfg.optim.disc_lr, disc_betas=cfg.optim.disc_betas)
+                         disc_lr=cfg.optim.disc_lr, disc_betas=cfg.optim.disc_betas, seed=cfg.seed)
     if tok.pretrained is not None and is_run_or_checkpoint(tok.pretrained):
         _continue_from_run(task, tok.pretrained)
     save_tokenizer_arch(autoencoder, cfg.run_dir)

@@ -1,0 +1,79 @@
+"""Training does not depend on the process count: one process with batch B and two (gloo, `torch.distributed.run`)
+with B/2 each train the same weights over 20 steps, up to the order of float reductions, for the generator stage
+(flow matching with velocity prediction; DDPM with eps prediction; CFG label dropout on) and the tokenizer stage (KL
+with EQ-VAE, the GAN off). Per-sample draws come from the sampler's sample seeds (ldm.data.sampler), the EQ-VAE
+transform from (seed, step). With the GAN on the stages differ by design (docs/multi-gpu.md): the discriminator's
+BatchNorm statistics and the adaptive weight are per process.
+
+Run as a script (`python tests/test_process_count.py RUN_ROOT VAE_DIR`, under torch.distributed.run or not), this
+file is the worker: it trains the three runs one after the other in one interpreter.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 20
+LR = 1e-3  # per-process draws (the old behaviour) moved weights apart by about 2 * LR after one step
+COMMON = ["data.image_size=16", "train.batch_size=8", f"train.max_steps={STEPS}", f"train.log_every={STEPS}",
+          "train.ckpt_every=1000", "train.mixed_precision='no'", "train.ema=false", f"optim.lr={LR}"]
+GENERATOR = ["stage=generator", "model.preset=DiT-Pico/2", "tokenizer.stats_num_images=64", "sample.steps=2"]
+RUNS = {
+    "flow": GENERATOR,
+    "eps": [*GENERATOR, "diffusion.path=ddpm_linear", "diffusion.prediction=eps", "sample.sampler=ddim"],
+    "tokenizer": ["stage=tokenizer", "data.class_cond=false", "tokenizer.latent_channels=4",
+                  "tokenizer.block_out_channels=[16,16]", "tokenizer.norm_num_groups=8", "tokenizer.layers_per_block=1",
+                  "tokenizer.mid_block_attention=false", "tokenizer.perceptual_weight=0", "tokenizer.disc_layers=1",
+                  "tokenizer.disc_weight=0", "tokenizer.disc_start=1000", "tokenizer.eq.enabled=true",
+                  "tokenizer.eq.scale_num_min=16"],
+}
+# the discriminator's BatchNorm running statistics: each process normalises its own images (DDP broadcasts rank 0's)
+PER_PROCESS = ("running_mean", "running_var")
+TOLERANCE = 2e-5  # float reduction order (DDP's gradient all-reduce, batch means over B/2 + B/2 instead of B)
+
+
+def worker(run_root: str, vae_dir: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from ldm.config import load_config
+    from ldm.train.loop import fit
+
+    for name, extra in RUNS.items():
+        vae = [f"tokenizer.pretrained={vae_dir}"] if extra[0] == "stage=generator" else []
+        fit(load_config(None, [*COMMON, *extra, *vae, f"name={name}", f"train.run_root={run_root}"]), progress=False)
+
+
+def _weights(root: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(root / name / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+
+
+def test_one_and_two_processes_train_the_same_weights(tmp_path):
+    from conftest import run_python
+
+    from ldm.tokenizers.kl import build_autoencoder_kl
+
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    build_autoencoder_kl(latent_channels=4, block_out_channels=[16, 16], layers_per_block=1,
+                         norm_num_groups=8).save_pretrained(vae)
+    run_python([__file__, str(tmp_path / "one"), str(vae)], timeout=600)
+    two = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path / "two"),
+                      str(vae)], timeout=600)
+    assert "2 processes" in two.stdout + two.stderr
+    diffs = {}
+    for name in RUNS:
+        one, other = _weights(tmp_path / "one", name), _weights(tmp_path / "two", name)
+        assert one.keys() == other.keys()
+        compared = [k for k in one if not k.endswith(PER_PROCESS)]
+        diffs[name] = max(float((one[k].double() - other[k].double()).abs().max()) for k in compared)
+        assert diffs[name] < TOLERANCE, (name, diffs)
+    print("max |w1 - w2| per run:", diffs)
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:3])
