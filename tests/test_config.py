@@ -173,3 +173,11 @@ def test_every_key_has_a_help_text(schema):
     assert len(keys) > 100  # the walk reached the nested sections
     undocumented = [key for key, f in keys if not str(f.metadata.get("help", "")).strip()]
     assert undocumented == []
+
+
+def test_unquoted_yaml_no_is_the_string_choice(tmp_path):
+    """YAML 1.1 reads `no` as False; train.mixed_precision=no (command line or file) must mean the choice 'no'."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(f).train.mixed_precision == "no"

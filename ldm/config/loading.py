@@ -70,6 +70,7 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: l
     base = OmegaConf.structured(schema)
     for layer in layers:
         _check_keys(layer, schema(), "")
+        _unbool_choices(layer, schema)
         try:
             base = OmegaConf.merge(base, layer)
         except OmegaConfBaseException as err:
@@ -77,6 +78,28 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: l
     cfg = OmegaConf.to_object(base)
     validate(cfg)
     return cfg
+
+
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _unbool_choices(node: Any, schema: type) -> None:
+    """YAML 1.1 reads an unquoted `no` as False; a string choice that is one of those words (train.mixed_precision=no)
+    gets the word back, so users need not quote it. Other string fields given a bool are left to the type check."""
+    if not isinstance(node, DictConfig):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in list(node.keys()):
+        f, value = fields.get(str(key)), node[key]
+        if f is None:
+            continue
+        sub = _section_default(f)
+        if sub is not None:
+            _unbool_choices(value, type(sub))
+        elif isinstance(value, bool) and "choices" in f.metadata:
+            words = [w for w in _YAML_BOOL_WORDS[value] if w in f.metadata["choices"]]
+            if words:
+                node[key] = words[0]
 
 
 def _type_error_message(err: OmegaConfBaseException, schema: type) -> str:

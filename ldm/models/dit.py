@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from functools import partial
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,7 +230,7 @@ class DiT(nn.Module):
 
     def embed_condition(
         self, t: torch.Tensor, y: torch.Tensor | None, force_drop: torch.Tensor | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> torch.Tensor:
         """c = emb(t_shift + t_scale t) + emb(y after label dropout); t (B,), y (B,) or None -> (B, D)."""
         c = self.t_embedder(self.t_shift + self.t_scale * t)  # (B, D)
@@ -245,7 +247,7 @@ class DiT(nn.Module):
         *,
         return_hidden: bool = False,
         force_drop: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor | GeneratorOutput:
         """x (B, C, H, W) latents, t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None."""
         t = check_generator_inputs(x, t, self.in_channels, self.input_size)  # (B,)

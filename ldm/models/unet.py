@@ -82,7 +82,7 @@ class UNetGenerator(nn.Module):
         *,
         return_hidden: bool = False,
         force_drop: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor | GeneratorOutput:
         """x (B, C, H, W), t (B,) or scalar in [0, 1] (0 data, 1 noise), y (B,) long or None (= null label)."""
         B = x.shape[0]

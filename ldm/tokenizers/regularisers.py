@@ -20,8 +20,9 @@ its gen step (x the batch, ae the autoencoder):
 
 `r.gen_parameters()` join the gen optimizer; the task registers each regulariser as a sub-module under `r.name`, so
 its trainable weights are checkpointed as "<name>.*" (VA: "va.proj.weight"); `r.instant_logs` name scalars logged
-as their value at the logging step rather than averaged. Regularisers draw randomness from torch's global RNG,
-which the training loop reseeds every step, so resumed runs repeat the draws.
+as their value at the logging step rather than averaged. Per-batch draws in `prepare` come from torch's RNG, which
+the TokenizerTask seeds by (seed, step, micro-batch) for that call, so every process draws the same and resumed runs
+repeat the draws.
 
 Adding a regulariser "foo": write ldm/tokenizers/foo.py with an nn.Module implementing `Regulariser` and
 `build_foo(cfg: FooCfg, *, autoencoder) -> Regulariser`; add `FooCfg` (with `enabled: bool = False`) to
