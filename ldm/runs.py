@@ -1,19 +1,23 @@
 """Run directories and the checkpoint format, read side: resolution, loading, strict state loading, the run logger.
 
     runs/<name>/config.yaml          the resolved config of the run
+    runs/<name>/config_history.yaml  the config changes each resume made (step, time, checkpoint, key old -> new)
     runs/<name>/train.log            the 'ldm' logger's file (rank 0)
     runs/<name>/latest               text file: "checkpoints/step_0000100"
     runs/<name>/checkpoints/step_0000100/
         model.safetensors   the Task's full state_dict (generator/tokenizer, discriminator, projector, ...)
         ema.safetensors     EMA weights of Task.ema_module() (absent when EMA is off)
         state.pt            {format_version, step, data_position, optimizers, schedulers, scaler, rng (one entry per
-                            process), config, task, git_sha} -- plain tensors and containers (weights_only=True)
+                            process), config, task, mixed_precision (the autocast precision trained in: "no", "bf16"
+                            or "fp16"; older checkpoints lack it), git_sha} -- plain tensors and containers
+                            (weights_only=True)
         checksums.json      {file: {"bytes": n, "sha256": hex}} of the files above, written last (checkpoints written
                             before it existed have none and are checked for completeness only)
 
 A damaged checkpoint (truncated, zero-byte, a file missing, bytes that do not match checksums.json) is never loaded:
 resuming from a run directory falls back to the newest checkpoint that verifies, with a warning naming the one
-skipped; loading an explicitly named damaged checkpoint is a `CheckpointError` naming the file and what to do.
+skipped; loading an explicitly named damaged checkpoint is a `CheckpointError` naming the file and what to do. A
+diverged run names `last_good_checkpoint`: the newest one that verifies and whose weights are all finite.
 
 `ldm.train.checkpoint` is the only writer; everything that reads a run (sampling, export, the pipeline, resume) reads
 it through this module.
@@ -108,6 +112,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     raise CheckpointError(f"{pointer} points at {target}, and no checkpoint of {run_dir} is complete "
                           f"({'; '.join(problems)}); restore the folder from a backup, or delete {pointer} and "
                           f"the checkpoints to start over")
+
+
+def last_good_checkpoint(run_dir: Path, also: Path | None = None) -> Path | None:
+    """The newest checkpoint of a run that verifies and whose model weights are all finite (what a diverged run can
+    resume from); `also`, the checkpoint the run started from when that lies elsewhere, is tried after the run's own.
+    None when there is none. Reads every candidate's weights: meant for the moment a run stops, not for each step."""
+    candidates = _step_dirs(run_dir)
+    if also is not None and Path(also) not in candidates:
+        candidates.append(Path(also))
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+            weights = _load_tensors(ckpt / "model.safetensors", "cpu")
+        except CheckpointError:
+            continue
+        if all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+            return ckpt
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

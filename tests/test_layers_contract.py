@@ -31,7 +31,7 @@ def test_every_import_points_down():
 def test_the_contract_catches_an_upward_import(tmp_path):
     shutil.copytree(REPO / "ldm", tmp_path / "ldm", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    config = tmp_path / "ldm" / "config.py"
+    config = tmp_path / "ldm" / "config" / "__init__.py"
     config.write_text(config.read_text() + "\n\ndef _upward():\n    from ldm.train import loop  # noqa: F401\n")
     proc = _lint(tmp_path)
     assert proc.returncode != 0

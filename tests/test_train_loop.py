@@ -233,3 +233,26 @@ def test_logged_losses_are_window_means_and_settings_are_instant(tmp_path):
     assert [r["step"] for r in rows] == [3, 6, 7]
     assert [r["train/step_index"] for r in rows] == [1.0, 4.0, 6.0]
     assert [r["train/lr"] for r in rows] == pytest.approx([4e-3, 7e-3, 8e-3])
+
+
+def test_a_failed_checkpoint_write_stops_the_run_naming_file_and_cause(tmp_path, monkeypatch):
+    """A full disk while saving: fit stops with the file and 'No space left on device', no half checkpoint left."""
+    import errno
+
+    from toy import ToyTask, toy_config
+
+    import ldm.train.checkpoint as ck
+    from ldm.data.images import build_dataset
+    from ldm.train.checkpoint import CheckpointWriteError
+    from ldm.train.loop import fit
+
+    def full_disk(path, state, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck, "save_tensors", full_disk)
+    cfg = toy_config([f"train.run_root={tmp_path}", "name=f", "train.max_steps=2"])
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint file .*/\.tmp-step_0000002-\d+/model"
+                                                   r"\.safetensors: No space left on device"):
+        fit(cfg, ToyTask(), build_dataset(cfg.data), progress=False)
+    assert list((tmp_path / "f" / "checkpoints").iterdir()) == []
+    assert not (tmp_path / "f" / "latest").exists()

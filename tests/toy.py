@@ -50,7 +50,9 @@ class ToyTask(Task):
 def toy_config(overrides: list[str]):
     from ldm.config import load_config
 
-    base = ["data.image_size=8", "train.batch_size=8", "train.log_every=1", "optim.lr=1e-2", "train.ema_decay=0.9"]
+    # fp32 whatever the CPU: the toy's 1-vs-2-process tolerance is an fp32 one (auto would pick bf16 on native-bf16 CPUs)
+    base = ["data.image_size=8", "train.batch_size=8", "train.log_every=1", "optim.lr=1e-2", "train.ema_decay=0.9",
+            "train.mixed_precision=no"]
     return load_config(None, base + list(overrides))
 
 

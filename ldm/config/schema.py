@@ -109,9 +109,11 @@ class TrainCfg:
                                                "continues to it); also where the lr schedule ends")
     max_epochs: Optional[int] = field(default=None, metadata={"help": "also stop after this many passes over the "
                                                                       "dataset; null = max_steps alone"})
-    mixed_precision: str = choice("auto", ("auto", "no", "bf16", "fp16"), "autocast precision (accelerate): auto = "
-                                                                          "bf16 on CUDA, fp32 on CPU; no = fp32; fp16 "
-                                                                          "adds a gradient scaler")
+    mixed_precision: str = choice("auto", ("auto", "no", "bf16", "fp16"),
+                                  "autocast precision (accelerate): auto = bf16 on CUDA and on CPUs with native bf16 "
+                                  "matmul (AVX512-BF16 / AMX / Arm BF16), fp32 elsewhere (the run header says which "
+                                  "and why); a resumed run keeps its checkpoint's precision; no = fp32; fp16 adds a "
+                                  "gradient scaler")
     ema: bool = field(default=True, metadata={"help": "keep an exponential moving average of the trained network "
                                                       "(autoencoder or generator; not the discriminator or "
                                                       "projectors); grids, periodic FID, sampling and exports use it"})

@@ -2,7 +2,9 @@
 
 accelerate provides devices, DDP and mixed precision; everything else is here and identical for all stages:
 gradient accumulation, clipping, lr warm-up + schedule, EMA, one optimizer per task phase, TensorBoard/metrics.jsonl,
-progress bar, periodic grids and evaluation, atomic checkpoints, bit-exact resume, a NaN/inf guard and preemption.
+progress bar, periodic grids and evaluation, atomic checkpoints, bit-exact resume under the resume contract (changed
+settings checked, recorded and put in effect: ldm.train.checkpoint), a NaN/inf guard and preemption. The autocast
+precision is ldm.precision's choice for train.mixed_precision, named with its reason in the run header.
 The loop knows no stage or phase names: a `Task` (ldm.train.task) declares its phases, their parameters and
 optimizer settings, and ldm.train.stages builds the task of a config's stage.
 
@@ -33,9 +35,11 @@ from tqdm.auto import tqdm
 from ldm.config import ConfigError, OptimCfg, RunConfig, TrainCfg, as_container, save_config
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.io import save_image_grid
-from ldm.runs import latest_checkpoint, load_checkpoint, load_state_strict, resolve_checkpoint, setup_logging
+from ldm.precision import resolve_mixed_precision
+from ldm.runs import last_good_checkpoint, latest_checkpoint, load_state_strict, resolve_checkpoint, setup_logging
 from ldm.seeding import derive_seed
-from ldm.train.checkpoint import save_checkpoint
+from ldm.train.checkpoint import (CheckpointWriteError, Resume, check_task_facts, open_resume, record_changes,
+                                  save_checkpoint)
 from ldm.train.ema import EMA
 from ldm.train.logging import MetricsWriter
 from ldm.train.task import Task
@@ -70,10 +74,12 @@ class _Run:
     prepared: dict[str, Any]                        # accelerate's wrappers of the optimizers, which step
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     ema: EMA | None
+    precision: str = "no"                           # accelerate's mixed_precision, recorded in checkpoints
     writer: MetricsWriter | None = None
     step: int = 0
     position: int = 0                               # micro-batches consumed: the data sampler resumes here
     last_ckpt: Path | None = None
+    resumed_from: Path | None = None
     nan_skips: int = 0
 
 
@@ -95,18 +101,23 @@ def lr_lambda(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float
     return f
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimCfg,
-                    overrides: dict[str, Any] | None = None) -> torch.optim.Optimizer:
-    """Adam/AdamW from optim.*, with one phase's overrides of them (Task.optimizer_settings, e.g. the tokenizer
-    discriminator's lr and betas)."""
-    settings = {"lr": optim.lr, "betas": optim.betas, "eps": optim.eps, "weight_decay": optim.weight_decay}
+def optimizer_hyperparameters(optim: OptimCfg, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{lr (the peak lr), betas, eps, weight_decay} from optim.* with one phase's overrides of them
+    (Task.optimizer_settings, e.g. the tokenizer discriminator's lr and betas)."""
+    settings = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
     unknown = sorted(set(overrides or {}) - set(settings))
     if unknown:
         raise ValueError(f"optimizer settings {unknown} are not among {sorted(settings)}")
     settings.update(overrides or {})
+    settings["betas"] = tuple(settings["betas"])
+    return settings
+
+
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimCfg,
+                    overrides: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Adam/AdamW from optim.* with one phase's overrides (see optimizer_hyperparameters)."""
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-               weight_decay=settings["weight_decay"])
+    return cls(params, **optimizer_hyperparameters(optim, overrides))
 
 
 class _Preemption:
@@ -161,11 +172,12 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
     from accelerate import PartialState
 
     t = cfg.train
-    # -------------------------------------------------------------------- set-up: processes, logger, resume point
-    mp = _numerics(t)
+    # -------------------------------------------------------------------- set-up: processes, resume contract, logger
     procs = PartialState(cpu=not torch.cuda.is_available())
+    setup_logging(None, procs.is_main_process)  # stdout only: nothing reaches the run directory before the contract
+    resume = open_resume(_resolve_resume(cfg, cfg.run_dir), cfg)  # refused config changes stop here
+    mp = _numerics(t, procs.device.type, resume)
     log = setup_logging(cfg.run_dir, procs.is_main_process)
-    resume_from = _resolve_resume(cfg, cfg.run_dir)
     micro_bs = _micro_batch_size(t, procs.num_processes)
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights on every process
     if task is None:
@@ -173,9 +185,12 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
 
         task, dataset = build_task(cfg)
     assert dataset is not None, "fit() needs a dataset when a task is given"
-    run = _prepare(cfg, task, mp, resume_from)  # the Accelerator needs the task's phases (DDP's unused parameters)
+    if resume is not None:
+        check_task_facts(resume.task, task.describe(), resume.path)
+        task.resume_facts(resume.task)  # e.g. a checkpoint from before per-sample draws keeps its global-RNG draws
+    run = _prepare(cfg, task, mp[0], resume)  # the Accelerator needs the task's phases (DDP's unused parameters)
     sampler, batches = _data(run, dataset, micro_bs)
-    _start(run, log, mp, resume_from)
+    _start(run, log, mp, resume)
 
     preempted, metrics, last_batch = False, {}, None
     window = _Window(_INSTANT_LOGS + tuple(f"train/{k}" for k in run.task.instant_logs))
@@ -227,16 +242,21 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
 
 
 # ------------------------------------------------------------------------------------------------------ set-up
-def _numerics(t: TrainCfg) -> str:
-    """The mixed-precision mode ("auto": bf16 on CUDA, else fp32); train.deterministic turns deterministic
-    algorithms on and TF32 off."""
+def _numerics(t: TrainCfg, device_type: str, resume: Resume | None) -> tuple[str, str]:
+    """(accelerate's mixed_precision, why): ldm.precision's choice for train.mixed_precision on this device, except
+    that a resumed run whose setting stays "auto" keeps the precision its checkpoint was trained in (a run started
+    on another machine, or before auto picked bf16 on CPUs, continues as it began). train.deterministic turns
+    deterministic algorithms on and TF32 off."""
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if t.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return t.mixed_precision
+    mode, why = resolve_mixed_precision(t.mixed_precision, device_type)
+    unchanged = resume is not None and "train.mixed_precision" not in {c.key for c in resume.changes}
+    if unchanged and t.mixed_precision == "auto" and resume.precision != mode:
+        return resume.precision, (f"auto: kept from the checkpoint, trained in {resume.precision} (a new run here "
+                                  f"would pick {mode}: {why.removeprefix('auto: ')})")
+    return mode, why
 
 
 def _micro_batch_size(t: TrainCfg, world: int) -> int:
@@ -246,12 +266,18 @@ def _micro_batch_size(t: TrainCfg, world: int) -> int:
     return t.batch_size // (world * t.grad_accum_steps)
 
 
-def _prepare(cfg: RunConfig, task: Task, mp: str, resume_from: Path | None) -> _Run:
-    """The Accelerator, one optimizer and lr schedule per phase, EMA; all restored from `resume_from` if given;
-    the task and optimizers prepared by accelerate."""
+def _prepare(cfg: RunConfig, task: Task, mp: str, resume: Resume | None) -> _Run:
+    """The Accelerator, one optimizer and lr schedule per phase, EMA; all restored from `resume` if given (with the
+    config's optimizer settings in effect); the task and optimizers prepared by accelerate."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator of another precision: a process
+    # that trains twice (pipeline stages, tests), the second time resumed in its checkpoint's precision or with
+    # another setting, starts that one afresh (the process group, in PartialState, stays)
+    if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
+        AcceleratorState._reset_state()
     # with several phases, each backward leaves the other phases' parameters without gradients
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=len(task.phases) > 1)])
@@ -266,8 +292,8 @@ def _prepare(cfg: RunConfig, task: Task, mp: str, resume_from: Path | None) -> _
                   for ph, opt in optimizers.items()}
     ema = EMA(task.ema_module(), t.ema_decay, t.ema_warmup_steps) if t.ema else None
     run = _Run(cfg, accelerator, model=task, task=task, groups=groups, optimizers=optimizers, prepared={},
-               schedulers=schedulers, ema=ema)
-    state = _restore(run, resume_from) if resume_from is not None else None
+               schedulers=schedulers, ema=ema, precision=mp)
+    state = _restore(run, resume) if resume is not None else None
     if ema is not None:
         ema.model.to(accelerator.device)
     run.model = accelerator.prepare_model(task)
@@ -278,21 +304,40 @@ def _prepare(cfg: RunConfig, task: Task, mp: str, resume_from: Path | None) -> _
     return run
 
 
-def _restore(run: _Run, path: Path) -> dict[str, Any]:
-    """Weights, optimizers, schedules, EMA and counters from the checkpoint at `path`; returns its training state."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+def _restore(run: _Run, resume: Resume) -> dict[str, Any]:
+    """Weights, optimizers, schedules, EMA and counters from the checkpoint; returns its training state. The run
+    keeps no reference to the loaded tensors afterwards (no second copy of the weights for the whole run)."""
+    ckpt, path, st = resume.checkpoint, resume.path, resume.checkpoint["state"]
+    resume.checkpoint = None
     load_state_strict(run.task, ckpt["model"], f"{path}/model.safetensors")
-    st = ckpt["state"]
     for ph, opt in run.optimizers.items():
         opt.load_state_dict(st["optimizers"][ph])
         run.schedulers[ph].load_state_dict(st["schedulers"][ph])
+        _apply_settings(opt, run.schedulers[ph], optimizer_hyperparameters(run.cfg.optim,
+                                                                           run.task.optimizer_settings(ph)))
     if run.ema is not None:
         if ckpt["ema"] is None:
             raise ValueError(f"{path} has no EMA weights but train.ema=true")
         run.ema.load_state_dict(ckpt["ema"])
     run.step, run.position, run.last_ckpt = int(st["step"]), int(st["data_position"]), path
+    run.resumed_from = path
     run.task.to(run.accelerator.device)
     return st
+
+
+def _apply_settings(opt: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    settings: dict[str, Any]) -> None:
+    """Put the config's optimizer settings in effect over those a checkpoint restored: loading an optimizer state
+    restores its param groups' lr / betas / eps / weight decay and the schedule's base lrs, so without this a lower
+    optim.lr given on resume would change nothing. The schedule itself (warm-up, kind, max_steps) is the config's
+    already (LambdaLR does not store functions); the lr at the resumed step becomes the new peak times it, i.e. what
+    the new schedule gives there. With an unchanged config every value is set to what it was, bit for bit."""
+    peak = settings["lr"]
+    scheduler.base_lrs = [peak] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, scheduler.lr_lambdas):
+        group.update(betas=settings["betas"], eps=settings["eps"], weight_decay=settings["weight_decay"],
+                     initial_lr=peak, lr=peak * factor(scheduler.last_epoch))  # LambdaLR.get_lr's product
+    scheduler._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
 
 
 def _data(run: _Run, dataset: torch.utils.data.Dataset, micro_bs: int):
@@ -306,17 +351,19 @@ def _data(run: _Run, dataset: torch.utils.data.Dataset, micro_bs: int):
     return sampler, iter(loader)
 
 
-def _start(run: _Run, log: logging.Logger, mp: str, resume_from: Path | None) -> None:
-    """The run directory, its config.yaml and the opening log lines (main process); the metrics writer."""
+def _start(run: _Run, log: logging.Logger, mp: tuple[str, str], resume: Resume | None) -> None:
+    """The run directory, the config changes of a resume (train.log and config_history.yaml), config.yaml and the
+    opening log lines (main process); the metrics writer."""
     acc, cfg = run.accelerator, run.cfg
     if acc.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_dir / "config.yaml")
         n_params = sum(p.numel() for ps in run.groups.values() for p in ps)
-        log.info("run %s | stage %s | %d processes on %s | mixed precision %s | %.2fM trainable parameters",
-                 cfg.run_dir, cfg.stage, acc.num_processes, acc.device, mp, n_params / 1e6)
-        if resume_from is not None:
-            log.info("resumed from %s (step %d)", resume_from, run.step)
+        log.info("run %s | stage %s | %d processes on %s | mixed precision %s (%s) | %.2fM trainable parameters",
+                 cfg.run_dir, cfg.stage, acc.num_processes, acc.device, mp[0], mp[1], n_params / 1e6)
+        if resume is not None:
+            log.info("resumed from %s (step %d)", resume.path, run.step)
+            record_changes(cfg.run_dir, resume, log)
+        save_config(cfg, cfg.run_dir / "config.yaml")
     run.writer = MetricsWriter(cfg.run_dir, acc.is_main_process)
 
 
@@ -374,14 +421,17 @@ def _skip_nonfinite(run: _Run, bad: str, log: logging.Logger, bar) -> None:
     """Count a non-finite step and warn; past train.max_nan_skips, stop with TrainingDiverged."""
     t = run.cfg.train
     run.nan_skips += 1
-    where = run.last_ckpt if run.last_ckpt is not None else "none (no checkpoint was written yet)"
     if run.nan_skips > t.max_nan_skips:
         bar.close()
         run.writer.close()
+        good = last_good_checkpoint(run.cfg.run_dir, also=run.resumed_from)
+        where = good if good is not None else "none (no checkpoint verifies with finite weights)"
+        how = "train.resume=auto" if good is None or good == latest_checkpoint(run.cfg.run_dir) else \
+            f"train.resume={good}"
         raise TrainingDiverged(
             f"non-finite value at step {run.step}: {bad}. Stopped after {run.nan_skips} non-finite step(s) "
             f"(train.max_nan_skips={t.max_nan_skips}). Last good checkpoint: {where}. Lower the lr, "
-            f"enable grad clipping or QK-norm, then resume from it with train.resume=auto")
+            f"enable grad clipping or QK-norm, then resume from it with {how}")
     log.warning("skipping step %d: non-finite %s (%d/%d skips allowed)", run.step, bad, run.nan_skips,
                 t.max_nan_skips)
 
@@ -461,18 +511,25 @@ def _checkpoint(run: _Run, log: logging.Logger) -> Path:
 
     acc, t = run.accelerator, run.cfg.train
     state = {"step": run.step, "data_position": run.position, "config": as_container(run.cfg),
-             "task": run.task.describe(),
+             "task": run.task.describe(), "mixed_precision": run.precision,
              "optimizers": {ph: opt.state_dict() for ph, opt in run.optimizers.items()},
              "schedulers": {ph: s.state_dict() for ph, s in run.schedulers.items()},
              "rng": gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]}
     if acc.scaler is not None:
         state["scaler"] = acc.scaler.state_dict()
+    failure: CheckpointWriteError | None = None
     if acc.is_main_process:
-        path = save_checkpoint(run.cfg.run_dir, run.step, model_state=run.task.state_dict(),
-                               ema_state=run.ema.state_dict() if run.ema is not None else None, state=state,
-                               keep_last=t.keep_last)
-        log.info("checkpoint %s", path)
-    acc.wait_for_everyone()
+        try:
+            path = save_checkpoint(run.cfg.run_dir, run.step, model_state=run.task.state_dict(),
+                                   ema_state=run.ema.state_dict() if run.ema is not None else None, state=state,
+                                   keep_last=t.keep_last)
+            log.info("checkpoint %s", path)
+        except CheckpointWriteError as err:
+            failure = err
+    # the barrier after the write also carries its failure, so every process stops instead of waiting for the next
+    failures = gather_object([failure]) if acc.num_processes > 1 else [failure]
+    if any(f is not None for f in failures):
+        raise next(f for f in failures if f is not None)
     return run.cfg.run_dir / "checkpoints" / f"step_{run.step:07d}"
 
 

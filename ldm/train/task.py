@@ -56,8 +56,13 @@ class Task(nn.Module, abc.ABC):
 
     def describe(self) -> dict:
         """Plain facts stored in every checkpoint (state.pt "task") that inference needs without the data, e.g. the
-        latent shape and number of classes of a generator."""
+        latent shape and number of classes of a generator. A resumed run is refused when a key ending in
+        "fingerprint" (a frozen tokenizer's) has another value than in the checkpoint; "<x>_source" beside
+        "<x>_fingerprint" is named in that message."""
         return {}
+
+    def resume_facts(self, saved: dict) -> None:
+        """Adopt what the checkpoint being resumed recorded (its describe()) before training continues."""
 
     @torch.no_grad()
     def evaluate(self, ema: nn.Module | None, step: int) -> dict[str, float]:
