@@ -128,3 +128,60 @@ def test_sample_keys_sample_what_the_flags_sampled(tmp_path, monkeypatch, capsys
     assert main(["sample", "gen", "--num", "6", "--cfg", "2.0", "--sampler", "heun", "--steps", "4", "--npz",
                  "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     assert "sampled 0 new images (6 already there)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------ README commands
+def _subcommands(parser) -> dict:
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def _readme_ldm_commands() -> list[str]:
+    """Every `ldm ...` command the README quotes: in backticks and on the lines of its code blocks."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block_lines = [line.split("#")[0].strip() for block in re.findall(r"```[^\n]*\n(.*?)```", readme, re.DOTALL)
+                   for line in block.splitlines()]
+    quoted = re.findall(r"`(ldm [^`]+)`", readme) + [line for line in block_lines if line.startswith("ldm ")]
+    return [re.sub(r"\[[^\]]*\]", "", cmd).replace("…", "").strip() for cmd in quoted]
+
+
+def test_readme_command_lines_name_real_commands_and_options():
+    """Each quoted command exists; each --option it uses is one of that command's options; a command quoted with
+    arguments gives every required option (`ldm eval recon` takes --recons)."""
+    import shlex
+
+    from ldm.cli import build_parser
+
+    commands = [c for c in _readme_ldm_commands() if "<" not in c and "..." not in c]  # `ldm <command>: error: ...`
+    assert len(commands) >= 12, commands
+    for cmd in commands:
+        parser, rest = build_parser(), shlex.split(cmd)[1:]
+        depth = 0
+        while rest and rest[0] in _subcommands(parser):
+            parser, depth = _subcommands(parser)[rest.pop(0)], depth + 1
+        assert depth and not _subcommands(parser), f"README: {cmd!r} does not name a complete ldm command"
+        options = {s for a in parser._actions for s in a.option_strings}
+        used = [t.split("=", 1)[0] for t in rest if t.startswith("-")]
+        assert set(used) <= options, f"README: {cmd!r} uses {sorted(set(used) - options)}; `--help` lists {options}"
+        if rest:
+            required = [a.option_strings for a in parser._actions if a.required and a.option_strings]
+            missing = [flags[0] for flags in required if not set(flags) & set(used)]
+            assert not missing, f"README: {cmd!r} lacks the required {missing}"
+
+
+def test_every_long_command_takes_no_progress():
+    from ldm.cli import build_parser
+
+    parser = build_parser()
+    long_running = {"train": (), "sample": (), "cache-latents": (), "tokenizer-stats": (), "pipeline": (),
+                    "quickstart": (), "eval": ("fid", "rfid", "recon", "stats", "latents")}
+    for name, subs in long_running.items():
+        for sub in [_subcommands(parser)[name]] if not subs else [_subcommands(_subcommands(parser)[name])[s]
+                                                                 for s in subs]:
+            assert "--no-progress" in {s for a in sub._actions for s in a.option_strings}, sub.prog

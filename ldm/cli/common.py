@@ -1,9 +1,10 @@
 """What every `ldm` command shares: the help formatter, sub-command registration and the error mapper.
 
 The error mapper is the one place that turns an exception into an exit status. A user error (a bad config key or
-value, a missing or clashing file, an unreadable image, a diverged run, a ValueError raised by ldm's own checks)
-prints one line `ldm <command>: error: <message>` to stderr and exits 2; anything else is a bug and keeps its
-traceback. `LDM_DEBUG=1` in the environment re-raises user errors too, to show where they came from.
+value, a missing or clashing file, an unreadable image, a diverged run, a ValueError raised by ldm's own checks, a
+weights file that torch.load refuses or cannot read) prints one line `ldm <command>: error: <message>` to stderr and
+exits 2; anything else is a bug and keeps its traceback. `LDM_DEBUG=1` in the environment re-raises user errors too,
+to show where they came from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,6 +22,8 @@ from ldm.config import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+# what torch.load raises for a refused pickle (weights_only=True) or a truncated / empty / foreign file
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError)
 
 _LDM_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,11 +50,9 @@ def add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int] 
     return parser
 
 
-def add_progress_flag(parser: argparse.ArgumentParser, bars: bool = True) -> None:
-    """`--no-progress`, the same on every long-running command (`bars=False`: the command draws none yet, and
-    accepts the flag so scripts can pass it to every command)."""
-    note = "" if bars else " (accepted for uniform scripts; this command draws no progress bar)"
-    parser.add_argument("--no-progress", action="store_true", help=f"disable progress bars{note}")
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """`--no-progress`, the same on every long-running command."""
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -78,11 +81,14 @@ def debugging() -> bool:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Bad input, not a bug: config errors, missing / clashing files, bad images, a diverged run, and ValueErrors that
-    ldm's own code raised (the library's way of rejecting a value; a ValueError from inside torch is a bug)."""
+    """Bad input, not a bug: config errors, missing / clashing files, bad images, a diverged run, ValueErrors that
+    ldm's own code raised (the library's way of rejecting a value; a ValueError from inside torch is a bug), and a
+    file that torch.load refuses or cannot read."""
     if isinstance(err, (ConfigError, FileNotFoundError, FileExistsError)):
         return True
     if isinstance(err, ValueError) and _raised_in_ldm(err):
+        return True
+    if isinstance(err, _TORCH_LOAD_ERRORS) and _torch_load_file(err) is not None:
         return True
     # imported here, on the error path only: both modules load torch, and `ldm --help` must stay instant
     from ldm.data.sources import BadImageError
@@ -102,4 +108,35 @@ def _raised_in_ldm(err: BaseException) -> bool:
 
 def one_line(err: BaseException) -> str:
     """The message on one line (the lines of a multi-line message joined by spaces)."""
+    if isinstance(err, _TORCH_LOAD_ERRORS) and _torch_load_file(err) is not None:
+        return _torch_load_message(err)
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _torch_load_file(err: BaseException) -> str | None:
+    """The file of the torch.load call `err` was raised in (its `f` argument; "a weights file" when that was an open
+    file object), or None when it did not come from torch.load."""
+    found, tb = None, err.__traceback__
+    while tb is not None:  # innermost torch.load frame: the loader that failed
+        code = tb.tb_frame.f_code
+        if code.co_name == "load" and Path(code.co_filename).parts[-2:] == ("torch", "serialization.py"):
+            path = tb.tb_frame.f_locals.get("f")
+            found = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "a weights file"
+        tb = tb.tb_next
+    return found
+
+
+def _torch_load_message(err: BaseException) -> str:
+    """torch's page-long refusal or reader error as one line naming the file and the fix. ldm loads every .pt/.pth
+    with weights_only=True, so a file holding pickled objects (a whole nn.Module, a custom class) is refused before
+    any of its code runs."""
+    where = _torch_load_file(err)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if refused:
+        return (f"{where} holds pickled Python objects ({refused.group(1)}), not only tensors, and ldm never runs "
+                f"pickled code (torch.load weights_only=True): save the weights as a state dict "
+                f"(torch.save(model.state_dict(), PATH)) or as .safetensors, and pass that file")
+    detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(err), re.DOTALL)
+    text = detail.group(1) if detail else str(err).split(". ")[0]  # torch's reader errors: the first sentence says it
+    reason = " ".join(text.split()) or ("empty or truncated file" if isinstance(err, EOFError) else type(err).__name__)
+    return f"{where} cannot be read as a tensor file ({reason}): pass an intact .pt/.pth state dict or .safetensors"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ldm import names
-from ldm.cli.common import add_command, add_progress_flag
+from ldm.cli.common import add_command, add_progress_flag, one_line
 from ldm.cli.keys import KeyFlags
 from ldm.config import ConfigError, EvalCfg
 
@@ -148,7 +148,10 @@ def _register_reconstruction(sub) -> None:
 
 def _add_paired(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=None, help="use the first N images; all when omitted")
-    p.add_argument("--metrics", default="rfd,psnr,ssim,lpips", help="comma list of rfd, psnr, ssim, lpips")
+    p.add_argument("--metrics", default="rfd,psnr,ssim,lpips",
+                   help="comma list of rfd, psnr, ssim, lpips; rfd needs the extractor's weights (inception: a local "
+                        "file; digits: none) and lpips torchvision's VGG16 weights: without them the command stops "
+                        "at once and says which to leave out (psnr,ssim need nothing)")
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="torchvision vgg16 weights for LPIPS; when omitted, torchvision's cache")
 
@@ -197,7 +200,7 @@ def _register_latents(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the alignment subsample")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
-    add_progress_flag(p, bars=False)
+    add_progress_flag(p)
     p.epilog = keys.epilog(KEYS_HEADER)
 
 
@@ -208,6 +211,37 @@ def _metrics(text: str, allowed: tuple[str, ...]) -> list[str]:
     if bad or not items:
         raise ValueError(f"--metrics={text!r}: unknown {bad}; expected a comma list of {list(allowed)}")
     return items
+
+
+def _paired_metrics(args: argparse.Namespace, ev: EvalCfg) -> tuple[list[str], object]:
+    """(--metrics of `eval rfid` / `eval recon`, the extractor rfd uses), after checking, before any work, that the
+    weights every metric needs are on this machine: nothing is downloaded, and a missing file stops the command with
+    one line naming each metric that needs one, where it looked, and the --metrics list without it."""
+    from ldm.eval.evaluate import RECON_METRICS
+
+    metrics = _metrics(args.metrics, RECON_METRICS)
+    missing: dict[str, str] = {}
+    extractor = "inception"  # not used when rfd is left out
+    if "rfd" in metrics:
+        try:
+            extractor = _build_extractor(args, ev)
+        except FileNotFoundError as err:
+            missing["rfd"] = f"{one_line(err)} (--extractor digits needs no download)"
+    if "lpips" in metrics:
+        from ldm.tokenizers.losses import VGG16_FILE, vgg16_cache_path
+
+        path = Path(args.lpips_weights) if args.lpips_weights else vgg16_cache_path()
+        if not path.is_file():
+            missing["lpips"] = (f"LPIPS-VGG needs torchvision's VGG16 weights {VGG16_FILE}: not found at {path} "
+                                f"(--lpips-weights, else torchvision's cache); get it from "
+                                f"https://download.pytorch.org/models/{VGG16_FILE} and pass --lpips-weights PATH")
+    if missing:
+        keep = ",".join(m for m in metrics if m not in missing)
+        drop = f"run without {'them' if len(missing) > 1 else 'it'}: --metrics {keep}" if keep else "give the weights"
+        verb = "need weights that are" if len(missing) > 1 else "needs weights that are"
+        raise FileNotFoundError(f"--metrics {','.join(metrics)}: {' and '.join(missing)} {verb} not on this machine; "
+                                f"{drop}. " + " | ".join(f"{m}: {why}" for m, why in missing.items()))
+    return metrics, extractor
 
 
 def _build_extractor(args: argparse.Namespace, ev: EvalCfg):
@@ -269,16 +303,15 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 
 def cmd_rfid(args: argparse.Namespace) -> int:
-    from ldm.eval.evaluate import RECON_METRICS, _device, evaluate_reconstruction
+    from ldm.eval.evaluate import _device, evaluate_reconstruction
     from ldm.tokenizers.export import load_tokenizer
 
     ev, _ = args.key_flags.resolve(args, args.config, base=EvalCfg())
     start = time.time()
+    metrics, extractor = _paired_metrics(args, ev)
     device = _device(args.device)
     tok = load_tokenizer(args.tokenizer, use_ema=not args.no_ema, device=device)
-    metrics = _metrics(args.metrics, RECON_METRICS)
-    result = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), args.data,
-                                     extractor=_build_extractor(args, ev) if "rfd" in metrics else "inception",
+    result = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), args.data, extractor=extractor,
                                      metrics=metrics, batch_size=ev.batch_size, size=args.image_size,
                                      num_images=args.num_images, lpips_weights=args.lpips_weights,
                                      cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device,
@@ -288,16 +321,15 @@ def cmd_rfid(args: argparse.Namespace) -> int:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from ldm.eval.evaluate import RECON_METRICS, evaluate_pairs
+    from ldm.eval.evaluate import evaluate_pairs
 
     ev, _ = args.key_flags.resolve(args, args.config, base=EvalCfg())
     start = time.time()
-    metrics = _metrics(args.metrics, RECON_METRICS)
-    result = evaluate_pairs(args.recons, args.data, extractor=_build_extractor(args, ev) if "rfd" in metrics else
-                            "inception", metrics=metrics, batch_size=ev.batch_size, size=args.image_size,
-                            num_images=args.num_images, lpips_weights=args.lpips_weights, cache_dir=args.cache_dir,
-                            use_cache=not args.no_cache, device=args.device, progress=not args.no_progress,
-                            fd_method=args.fd_method)
+    metrics, extractor = _paired_metrics(args, ev)
+    result = evaluate_pairs(args.recons, args.data, extractor=extractor, metrics=metrics, batch_size=ev.batch_size,
+                            size=args.image_size, num_images=args.num_images, lpips_weights=args.lpips_weights,
+                            cache_dir=args.cache_dir, use_cache=not args.no_cache, device=args.device,
+                            progress=not args.no_progress, fd_method=args.fd_method)
     return _report(args, result, {"recons": args.recons, "data": args.data, "seconds": round(time.time() - start, 2)})
 
 
@@ -331,7 +363,8 @@ def cmd_latents(args: argparse.Namespace) -> int:
     res = diagnose_tokenizer(tok, args.data, image_size=args.image_size, num_images=args.num_images,
                              batch_size=ev.batch_size, encoder=encoder, encoder_name=args.encoder or "",
                              scales=args.scales, hf_cutoff=args.hf_cutoff, topk=args.topk,
-                             max_tokens=args.max_tokens, seed=args.seed, device=device, out_dir=args.out)
+                             max_tokens=args.max_tokens, seed=args.seed, device=device, out_dir=args.out,
+                             progress=not args.no_progress)
     print(format_diagnostics(res))
     print(json.dumps({"seconds": round(time.time() - start, 2), **summary_numbers(res)}, sort_keys=True))
     return 0

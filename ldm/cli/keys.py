@@ -12,7 +12,10 @@ import argparse
 import dataclasses
 from typing import Any, Iterable
 
-from ldm.config import ConfigError, help_lines, load_config
+from ldm.config import ConfigError, PipelineCfg, RunConfig, help_lines, load_config
+
+# The two kinds of config YAML and the command that runs each: a run config (one stage) and a pipeline config.
+CONFIG_KINDS = ((RunConfig, "run", "ldm train"), (PipelineCfg, "pipeline", "ldm pipeline"))
 
 
 def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
@@ -20,6 +23,42 @@ def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
     paths = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
     return paths, overrides
+
+
+def load_command_config(paths: list[str], overrides: list[str], schema: type) -> Any:
+    """load_config for a command that reads `schema`; a YAML file written for the other command (a pipeline config
+    given to `ldm train`, a run config given to `ldm pipeline`) fails with one line naming the command that runs it,
+    instead of an unknown-key error about its first top-level key."""
+    try:
+        return load_config(paths, overrides, schema=schema)
+    except ConfigError:
+        for path in paths:
+            kind = _other_kind(path, schema)
+            if kind is not None:
+                name, command, keys = kind
+                raise ConfigError(f"{path}: this is a {name} config: run `{command} {path}` (its top-level keys "
+                                  f"{keys} are {name} config keys)") from None
+        raise
+
+
+def _other_kind(path: str, schema: type) -> tuple[str, str, list[str]] | None:
+    """(kind, command, the file's keys that `schema` lacks) when every top-level key of the YAML file at `path`
+    belongs to another config kind and some do not belong to `schema`; None otherwise (or when it cannot be read:
+    load_config has said why)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        node = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - a missing or broken file keeps load_config's own message
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    keys = {str(k) for k in node}
+    foreign = sorted(keys - {f.name for f in dataclasses.fields(schema)})
+    for other, name, command in CONFIG_KINDS:
+        if other is not schema and foreign and keys <= {f.name for f in dataclasses.fields(other)}:
+            return name, command, foreign
+    return None
 
 
 def key_table(lines: Iterable[str], aliases: dict[str, str] | None = None) -> str:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ldm.cli.common import add_command, add_progress_flag
-from ldm.cli.keys import split_config_args
+from ldm.cli.keys import load_command_config, split_config_args
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: a stage was preempted and stopped cleanly; re-running resumes
 
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                     "complete (training stages resume), and print a summary.\n\n"
                     "  ldm pipeline configs/quickstart.yaml generator.train.max_steps=3000 name=longer\n\n"
                     "Overrides address a stage's run config: tokenizer.train.max_steps=..., "
-                    "generator.model.preset=..., or the pipeline's own keys (stages, num_samples, grid_per_class, fid_extractors, latent_flips).\n"
+                    "generator.model.preset=..., or the pipeline's own keys (stages, num_samples, grid_per_class, "
+                    "fid_extractors, latent_flips).\n"
                     f"A preempted training stage stops the pipeline with exit status {EXIT_STOPPED}; re-run to resume.")
     p.add_argument("config", nargs="*", help="pipeline YAML file(s), then key=value overrides")
     add_progress_flag(p)
@@ -42,11 +43,12 @@ def quickstart_config_path() -> str:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ldm.config import PipelineCfg, load_config
-    from ldm.pipeline import PipelineStopped, format_summary, run_pipeline
+    from ldm.config import PipelineCfg
 
     paths, overrides = split_config_args(args.config)
-    cfg = load_config(paths, overrides, schema=PipelineCfg)
+    cfg = load_command_config(paths, overrides, PipelineCfg)
+    from ldm.pipeline import PipelineStopped, format_summary, run_pipeline  # torch loads after the config check
+
     try:
         summary = run_pipeline(cfg, progress=not args.no_progress)
     except PipelineStopped as stop:  # not an error: nothing after the stopped stage ran, and a re-run resumes

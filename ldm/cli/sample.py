@@ -139,17 +139,17 @@ def _load(args: argparse.Namespace, source: str | None, use_ema: bool, device):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    paths, overrides = split_config_args(args.config)
+    if len(paths) > 1:
+        raise ValueError(f"give one generator run or checkpoint directory; got {paths} (overrides are key=value)")
+    # checked before anything loads (torch included): a typo fails at once; the values replace the run's own below
+    requested, given = args.key_flags.resolve(args, overrides, base=SampleCfg())
     import torch
     from accelerate import Accelerator
 
     from ldm.eval.generate import write_samples
     from ldm.runs import setup_logging
 
-    paths, overrides = split_config_args(args.config)
-    if len(paths) > 1:
-        raise ValueError(f"give one generator run or checkpoint directory; got {paths} (overrides are key=value)")
-    # checked before anything loads: a typo fails at once; the values replace the run's own below
-    requested, given = args.key_flags.resolve(args, overrides, base=SampleCfg())
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     setup_logging(None, accelerator.is_main_process)
     gen = _load(args, paths[0] if paths else None, requested.use_ema if "use_ema" in given else True,

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     s.add_argument("--image-size", type=int, required=True, help="centre-crop size in pixels")
     s.add_argument("--num", type=int, default=1024, help="number of images")
     s.add_argument("--batch", type=int, default=64, help="images per encoder batch")
-    add_progress_flag(s, bars=False)
+    add_progress_flag(s)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -45,7 +45,8 @@ def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
     from ldm.tokenizers.stats import compute_tokenizer_stats
 
     data = DataCfg(source=args.data, image_size=args.image_size, crop="center")
-    stats, path = compute_tokenizer_stats(args.tokenizer, data, num_images=args.num, batch_size=args.batch)
+    stats, path = compute_tokenizer_stats(args.tokenizer, data, num_images=args.num, batch_size=args.batch,
+                                          progress=not args.no_progress)
     print(f"latent statistics over {stats.num_images} images -> {path}\n  mean {stats.mean}\n  std {stats.std}\n"
           f"  scaling factor {stats.scaling_factor:.5f}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ldm.cli.common import add_command, add_progress_flag
-from ldm.cli.keys import split_config_args
+from ldm.cli.keys import load_command_config, split_config_args
 from ldm.config import help_lines
 
 
@@ -26,13 +26,14 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ldm.config import load_config
-    from ldm.train.loop import fit
+    from ldm.config import RunConfig
 
     paths, overrides = split_config_args(args.config)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(paths, overrides)
+    cfg = load_command_config(paths, overrides, RunConfig)
+    from ldm.train.loop import fit  # torch loads here, after the config is checked: a config error is instant
+
     result = fit(cfg, progress=not args.no_progress)
     status = "preempted (relaunch to resume)" if result.preempted else "finished"
     print(f"\n{cfg.stage} training {status} at step {result.step}\n"

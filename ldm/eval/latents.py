@@ -236,13 +236,17 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
                        batch_size: int = 64, encoder: nn.Module | None = None, encoder_name: str = "",
                        scales: Sequence[float] = (0.5, 0.75), rotations: Sequence[int] = (1, 2, 3),
                        hf_cutoff: float = 0.5, topk: int = 10, max_tokens: int = 2048, seed: int = 0,
-                       device: str | torch.device = "cpu", out_dir: str | Path | None = None) -> dict:
+                       device: str | torch.device = "cpu", out_dir: str | Path | None = None,
+                       progress: bool = False) -> dict:
     """All diagnostics of a frozen tokenizer (ldm.tokenizers.export.Tokenizer: encode, decode, kind, downsample;
     posterior for KL, encode_indices for VQ) on the first `num_images` images of `data`.
 
     `encoder` (images in [-1, 1] -> patch tokens (B, L, D), e.g. ldm.encoders.FrozenEncoder) enables the alignment
     metrics; without it they are skipped and the JSON says so. With `out_dir`, writes latent_diagnostics.json and
-    latent_diagnostics.png there. Deterministic for a given seed (it only subsamples alignment tokens)."""
+    latent_diagnostics.png there. Deterministic for a given seed (it only subsamples alignment tokens). `progress`
+    draws a bar for each pass over the images (encoding, equivariance)."""
+    from tqdm.auto import tqdm
+
     if num_images < 2:
         raise ValueError(f"num_images={num_images}; the statistics need at least 2 images")
     device = torch.device(device)
@@ -250,7 +254,7 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
     batches = [b.to(device) for b in images.split(batch_size)]
     f = tokenizer.downsample
     latents, logvars, indices, feats = [], [], [], []
-    for x in batches:
+    for x in tqdm(batches, desc="encode", unit="batch", disable=not progress):
         if tokenizer.kind == "kl":
             post = tokenizer.posterior(x)
             z = post.mean.float()  # what encode() returns
@@ -269,8 +273,9 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
                       "latent_shape": list(z.shape[1:])},
         "data": {"source": data, "num_images": int(images.shape[0]), "image_size": list(images.shape[-2:])},
         "channels": channel_stats(z),
-        "equivariance": equivariance_errors(tokenizer.encode, tokenizer.decode, batches, downsample=f,
-                                            transforms=eq_transforms(scales, rotations)),
+        "equivariance": equivariance_errors(tokenizer.encode, tokenizer.decode,
+                                            tqdm(batches, desc="equivariance", unit="batch", disable=not progress),
+                                            downsample=f, transforms=eq_transforms(scales, rotations)),
         "spectrum": {"cutoff": hf_cutoff,
                      "latent": spectrum_summary(z, hf_cutoff),
                      "image": spectrum_summary(images, hf_cutoff),

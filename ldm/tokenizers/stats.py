@@ -94,11 +94,15 @@ def load_latent_stats(path: str | Path) -> LatentStats:
 
 
 def compute_tokenizer_stats(path: str | Path, data_cfg, *, num_images: int, batch_size: int = 64,
-                            device: str | torch.device | None = None, write: bool = True) -> tuple[LatentStats, Path]:
+                            device: str | torch.device | None = None, write: bool = True,
+                            progress: bool = False) -> tuple[LatentStats, Path]:
     """`ldm tokenizer-stats`: statistics of the tokenizer at `path` (run dir, checkpoint, export or diffusers folder)
     over the first `num_images` images of `data_cfg` (centre crops, no flips), written to latent_stats.json beside it
-    (the run directory for runs and checkpoints). Returns (stats, json path)."""
+    (the run directory for runs and checkpoints); `progress` draws a bar of the images encoded. Returns (stats, json
+    path)."""
     import dataclasses
+
+    from tqdm.auto import tqdm
 
     from ldm.data.images import build_dataset
     from ldm.tokenizers.export import is_run_or_checkpoint, load_tokenizer
@@ -108,10 +112,16 @@ def compute_tokenizer_stats(path: str | Path, data_cfg, *, num_images: int, batc
     data = build_dataset(dataclasses.replace(data_cfg, crop="center" if data_cfg.crop == "random" else data_cfg.crop,
                                              hflip=False))
     n = min(num_images, len(data))
-    batches = (torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + batch_size))]).to(dev)
-               for s in range(0, n, batch_size))
-    stats = compute_latent_stats(tok.encode, batches, num_images=n, channels=tok.latent_channels,
-                                 fingerprint=tok.fingerprint)
+
+    def batches(bar):
+        for s in range(0, n, batch_size):
+            x = torch.stack([data[(i, 0)]["image"] for i in range(s, min(n, s + batch_size))]).to(dev)
+            yield x
+            bar.update(len(x))  # resumed once the batch is encoded
+
+    with tqdm(total=n, desc="latent statistics", unit="img", disable=not progress) as bar:
+        stats = compute_latent_stats(tok.encode, batches(bar), num_images=n, channels=tok.latent_channels,
+                                     fingerprint=tok.fingerprint)
     path = Path(path)
     if is_run_or_checkpoint(path):
         from ldm.runs import resolve_checkpoint
