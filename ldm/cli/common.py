@@ -92,9 +92,10 @@ def is_user_error(err: BaseException) -> bool:
         return True
     # imported here, on the error path only: both modules load torch, and `ldm --help` must stay instant
     from ldm.data.sources import BadImageError
+    from ldm.train.checkpoint import CheckpointWriteError
     from ldm.train.loop import TrainingDiverged
 
-    return isinstance(err, (BadImageError, TrainingDiverged))
+    return isinstance(err, (BadImageError, TrainingDiverged, CheckpointWriteError))
 
 
 def _raised_in_ldm(err: BaseException) -> bool:
