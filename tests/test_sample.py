@@ -123,6 +123,24 @@ def test_batch_size_and_process_count_give_identical_files(runs, tmp_path):
     assert (a / "samples.npz").read_bytes() == (c / "samples.npz").read_bytes()
 
 
+def test_damaged_samples_are_regenerated_on_resume_and_named_when_read(runs, tmp_path):
+    from ldm.eval.generate import is_complete_png, read_png
+
+    gen = load_generator(runs / "cond")
+    out = tmp_path / "s"
+    opts = dict(num=4, seed=1, npz=False, progress=False, batch_size=4)
+    write_samples(gen, out, **opts)
+    good = {i: png_path(out, i).read_bytes() for i in range(4)}
+    png_path(out, 1).write_bytes(good[1][: len(good[1]) // 2])  # truncated (a copy cut short)
+    png_path(out, 3).write_bytes(b"")  # empty
+    assert not is_complete_png(png_path(out, 1)) and is_complete_png(png_path(out, 0))
+    with pytest.raises(ValueError, match=r"unreadable sample .*000001\.png.*re-run `ldm sample`"):
+        read_png(png_path(out, 1))
+    res = write_samples(gen, out, **opts)
+    assert res["written"] == 2 and res["skipped"] == 2
+    assert {i: png_path(out, i).read_bytes() for i in range(4)} == good
+
+
 def test_killed_run_resumes_without_gaps_or_duplicates(runs, tmp_path):
     num, steps = 12, 40
     out, ref = tmp_path / "killed", tmp_path / "ref"

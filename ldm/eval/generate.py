@@ -165,8 +165,41 @@ def save_png(image: np.ndarray, path: FsPath) -> None:
 
 def read_png(path: FsPath) -> np.ndarray:
     """(H, W, 3) uint8 (grayscale PNGs are expanded to RGB, as the ADM evaluator expects 3 channels)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
+        raise ValueError(f"unreadable sample {path} ({err}); delete it and re-run `ldm sample` with the same --out, "
+                         f"which regenerates missing samples") from None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def is_complete_png(path: FsPath) -> bool:
+    """A cheap check (16 bytes read, not a decode, so resuming a 50k-image folder stays fast): the PNG signature at
+    the start and the IEND chunk at the end. Catches empty and truncated files, the damage a copy or a full disk
+    leaves (save_png itself writes atomically)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(_PNG_SIGNATURE) + len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return head == _PNG_SIGNATURE and f.read() == _PNG_END
+    except OSError:
+        return False
+
+
+def _remove_damaged(out: FsPath, num: int) -> list[FsPath]:
+    """Delete sample PNGs that are not complete, so they are regenerated like missing ones; returns them."""
+    damaged = [p for p in (png_path(out, i) for i in range(num)) if p.is_file() and not is_complete_png(p)]
+    for p in damaged:
+        log.warning("sample %s is damaged (empty or truncated PNG): deleted, it will be sampled again", p)
+        p.unlink()
+    return damaged
 
 
 def _identity_value(value: Any, like: Any) -> Any:
@@ -373,6 +406,7 @@ def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str |
         _start_folder(out, {"identity": identity, "num": num, "batch_size": batch_size, "decode_batch": decode_batch,
                             "processes": world, "files": files, "git_sha": git_sha(),
                             "run_config": as_container(run_cfg)})
+        _remove_damaged(out, num)  # rank 0 only: the others list the folder after the barrier below
     _barrier(world)
 
     todo = [i for i in range(num) if not png_path(out, i).is_file()]
