@@ -38,3 +38,20 @@ def test_generator_config_trains_on_the_digits(path, tokenizer_run):
                              *SHORT])
     result = fit(cfg, progress=False)
     assert result.step == 2 and (result.run_dir / "samples").is_dir()
+
+
+def test_the_tokenizer_docs_folder_example_runs_on_a_small_folder(tmp_path, shared):
+    """docs/tokenizers.md's own-folder command, as written, on the six shared photos (one step)."""
+    from ldm.train.loop import fit
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
+        (folder / name).write_bytes(shared(f"images/{name}").read_bytes())
+    doc = (REPO / "docs" / "tokenizers.md").read_text()
+    line = next(x for x in doc.splitlines() if "data.source=/path/to/images" in x)
+    overrides = [a for a in line.split()[3:] if "=" in a]
+    cfg = load_config(REPO / "configs" / "tokenizer" / "tiny_f4.yaml",
+                      [a.replace("/path/to/images", str(folder)) for a in overrides]
+                      + [f"train.run_root={tmp_path}", "train.max_steps=1", "tokenizer.stats_num_images=8"])
+    assert fit(cfg, progress=False).step == 1
