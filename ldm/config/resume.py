@@ -36,7 +36,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.eval_every": _CADENCE,
     "train.max_nan_skips": "how many bad steps are tolerated, not what a good step does",
     "train.deterministic": "kernel choice for tests and bisection: the same maths (float rounding may differ)",
-    "train.compile": "speed only",
+    "train.compile": "speed only: the same maths (compiled kernels round floats differently)",
     "optim.lr": _LR_SCHEDULE,
     "optim.warmup_steps": _LR_SCHEDULE,
     "optim.schedule": _LR_SCHEDULE,

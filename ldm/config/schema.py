@@ -141,8 +141,11 @@ class TrainCfg:
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms on, TF32 off: "
                                                                  "reproducible kernels for tests and bisection "
                                                                  "(slower)"})
-    compile: bool = field(default=False, metadata={"help": "reserved for torch.compile of the DiT blocks: no code "
-                                                           "reads this key yet (DiT(use_compile=True) is the switch)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile what pays, in place (checkpoints "
+                                                           "unchanged): the DiT blocks / the UNet, the tokenizer's "
+                                                           "encoder, decoder and LPIPS; compiled in the first step, "
+                                                           "timed apart ('compile + first step'); if compiling fails, "
+                                                           "one warning and the run trains eagerly"})
     run_root: str = field(default="runs", metadata={"help": "runs are written to <run_root>/<name>/"})
     allow_changes: list[str] = listed([], "config keys (or patterns such as model.*) that may differ from the "
                                           "checkpoint's config when resuming although they change the experiment "

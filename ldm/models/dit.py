@@ -31,9 +31,8 @@ habit of discarding the second half inside forward is handled at import time ins
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +56,7 @@ from ldm.models.layers import (
     sincos_pos_embed_2d,
     swiglu_hidden,
 )
+
 
 def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     """Pre-modulation norm: affine-free LayerNorm (DiT) or RMSNorm with a learnable gain (LightningDiT)."""
@@ -196,8 +196,14 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
         self.initialize_weights()
         if use_compile:
-            for block in self.blocks:
-                block.compile()  # in place: parameter names (and checkpoints) are unchanged
+            self.compile_blocks()
+
+    def compile_blocks(self, compile_fn: Callable[[nn.Module], None] = nn.Module.compile) -> list[str]:
+        """torch.compile each block in place (nn.Module.compile by default): parameter names, hence checkpoints, are
+        unchanged, and the blocks, all of one shape, share one compiled graph. Returns their names ("blocks.<i>")."""
+        for block in self.blocks:
+            compile_fn(block)
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
 
     def initialize_weights(self) -> None:
         """DiT's initialisation (models.py `initialize_weights`)."""

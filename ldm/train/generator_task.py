@@ -76,6 +76,21 @@ class GeneratorTask(HoldsFrozen, Task):
     def ema_module(self) -> nn.Module:
         return self.model
 
+    def compile_modules(self, compile_fn) -> list[str]:
+        """DiT: each block (DiT.compile_blocks; the embedders and the final layer are small); the UNet adapter:
+        diffusers' UNet2DModel inside it (the adapter's label and input checks stay eager); another network: all of
+        it. The loss (ldm.diffusion.objectives) is a few element-wise operations on latents: nothing to gain."""
+        from ldm.models.dit import DiT
+        from ldm.models.unet import UNetGenerator
+
+        if isinstance(self.model, DiT):
+            return [f"model.{name}" for name in self.model.compile_blocks(compile_fn)]
+        if isinstance(self.model, UNetGenerator):
+            compile_fn(self.model.unet)
+            return ["model.unet"]
+        compile_fn(self.model)
+        return ["model"]
+
     def describe(self) -> dict:
         tok = self.tokenizer
         return {"kind": "generator", "latent_shape": list(self.latent_shape), "num_classes": self.num_classes,

@@ -19,6 +19,7 @@ resumed from step k is bit-identical to one that never stopped.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -81,6 +82,7 @@ class _Run:
     last_ckpt: Path | None = None
     resumed_from: Path | None = None
     nan_skips: int = 0
+    compiled: list[torch.nn.Module] = field(default_factory=list)  # train.compile: compiled in place, not yet run
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -188,7 +190,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
     if resume is not None:
         check_task_facts(resume.task, task.describe(), resume.path)
         task.resume_facts(resume.task)  # e.g. a checkpoint from before per-sample draws keeps its global-RNG draws
-    run = _prepare(cfg, task, mp[0], resume)  # the Accelerator needs the task's phases (DDP's unused parameters)
+    run = _prepare(cfg, task, mp[0], resume, log)  # the Accelerator needs the task's phases (DDP's unused parameters)
     sampler, batches = _data(run, dataset, micro_bs)
     _start(run, log, mp, resume)
 
@@ -206,7 +208,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
                      for _ in range(t.grad_accum_steps)]
             run.position += t.grad_accum_steps
             last_batch = micro[0]
-            logs, bad, stop = _train_step(run, micro, preemption)
+            logs, bad, stop = _step(run, micro, preemption, window, log)
             preempted = preempted or stop
             if bad is not None:
                 _skip_nonfinite(run, bad, log, bar)
@@ -266,9 +268,10 @@ def _micro_batch_size(t: TrainCfg, world: int) -> int:
     return t.batch_size // (world * t.grad_accum_steps)
 
 
-def _prepare(cfg: RunConfig, task: Task, mp: str, resume: Resume | None) -> _Run:
+def _prepare(cfg: RunConfig, task: Task, mp: str, resume: Resume | None, log: logging.Logger) -> _Run:
     """The Accelerator, one optimizer and lr schedule per phase, EMA; all restored from `resume` if given (with the
-    config's optimizer settings in effect); the task and optimizers prepared by accelerate."""
+    config's optimizer settings in effect); the task's modules compiled (train.compile); the task and optimizers
+    prepared by accelerate."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -296,12 +299,65 @@ def _prepare(cfg: RunConfig, task: Task, mp: str, resume: Resume | None) -> _Run
     state = _restore(run, resume) if resume is not None else None
     if ema is not None:
         ema.model.to(accelerator.device)
+    if t.compile:  # after the EMA copy, which stays eager (it only runs in sampling)
+        run.compiled = _compile(task, log)
     run.model = accelerator.prepare_model(task)
     run.prepared = {ph: accelerator.prepare_optimizer(opt) for ph, opt in optimizers.items()}
     if state is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     run.task = accelerator.unwrap_model(run.model)
     return run
+
+
+def _compile(task: Task, log: logging.Logger) -> list[torch.nn.Module]:
+    """train.compile: the task's modules worth compiling (Task.compile_modules), compiled in place with
+    torch.compile's defaults; the actual compilation happens in the first step (`_first_compiled_step`). If
+    torch.compile itself fails here, the modules stay eager and one warning says why."""
+    compiled: list[torch.nn.Module] = []
+
+    def compile_fn(module: torch.nn.Module) -> None:
+        try:
+            module.compile()
+        except Exception as err:  # whatever torch.compile raises, training works without it
+            raise _CompileFailed(err) from err
+        compiled.append(module)
+
+    try:
+        names = task.compile_modules(compile_fn)
+    except _CompileFailed as failed:  # only torch.compile's failures: an error of the task's own code propagates
+        _uncompile(compiled)
+        log.warning("train.compile: torch.compile failed (%s); training continues eagerly",
+                    _one_line(failed.__cause__))
+        return []
+    if names:
+        shown = names if len(names) <= 4 else [*names[:2], "...", names[-1]]
+        log.info("train.compile: %d modules compiled in place (%s); they compile in the first step",
+                 len(names), ", ".join(shown))
+    return compiled
+
+
+class _CompileFailed(Exception):
+    """torch.compile raised (its error is the __cause__)."""
+
+
+def _uncompile(modules: list[torch.nn.Module]) -> None:
+    """Back to eager: nn.Module.compile keeps the compiled callable in `_compiled_call_impl` (torch has no public
+    way to undo it); None is what an uncompiled module holds there."""
+    for module in modules:
+        module._compiled_call_impl = None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """"<type>: <first line of the message>" of the error's root cause (torch.compile wraps a compiler's error in
+    its own, e.g. BackendCompilerFailed, raised `from None` while handling the compiler's), shortened: compiler
+    errors span pages. The chain is the explicit cause, else the error being handled when this one was raised."""
+    root, seen = err, {id(err)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(nxt))
+    first = (str(root).strip().splitlines() or [""])[0]
+    text = f"{type(root).__name__}: {first}" + (f" (raised as {type(err).__name__})" if root is not err else "")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _restore(run: _Run, resume: Resume) -> dict[str, Any]:
@@ -368,6 +424,71 @@ def _start(run: _Run, log: logging.Logger, mp: tuple[str, str], resume: Resume |
 
 
 # ------------------------------------------------------------------------------------------------------ the step
+def _step(run: _Run, micro: list[dict[str, torch.Tensor]], preemption: _Preemption, window: _Window,
+          log: logging.Logger) -> tuple[dict[str, float], str | None, bool]:
+    """`_train_step`; the first one after compiling goes through `_first_compiled_step` and is left out of the
+    images/s of its logging window."""
+    if not run.compiled:
+        return _train_step(run, micro, preemption)
+    result = _first_compiled_step(run, micro, preemption, log)
+    run.compiled = []
+    window.restart_clock(untimed_steps=int(result[1] is None))  # a skipped (non-finite) step is never added
+    return result
+
+
+def _first_compiled_step(run: _Run, micro: list[dict[str, torch.Tensor]], preemption: _Preemption,
+                         log: logging.Logger) -> tuple[dict[str, float], str | None, bool]:
+    """The first step with compiled modules: torch.compile compiles them here, so this step is timed on its own
+    ("compile + first step", train/compile_s). If it raises (no C++ compiler, an operation the compiler does not
+    support, ...), the modules go back to eager, everything the step changed (weights, buffers, gradients,
+    optimizers, lr schedules, grad scaler, torch's RNG) is put back, one warning names the error and the step runs
+    again eagerly: the run then trains exactly as with train.compile=false, no step lost or counted twice. An error
+    of the task itself recurs in the eager step and stops the run as usual."""
+    before = _StepState(run)
+    start = time.perf_counter()
+    try:
+        result = _train_step(run, micro, preemption)
+    except Exception as err:  # noqa: BLE001 - see the docstring: the eager retry re-raises what is not compiling
+        _uncompile(run.compiled)
+        before.restore(run)
+        log.warning("train.compile: compiling failed in the first step (%s); training continues eagerly",
+                    _one_line(err))
+        return _train_step(run, micro, preemption)
+    seconds = time.perf_counter() - start
+    log.info("compile + first step: %.1f s (left out of images/s)", seconds)
+    run.writer.scalars(run.step + 1, {"train/compile_s": seconds})
+    return result
+
+
+class _StepState:
+    """What `_train_step` changes, saved before it (weights and buffers on the CPU, optimizer and schedule states,
+    the grad scaler, torch's RNG), to undo a step that failed half-way. Gradients are None between steps."""
+
+    def __init__(self, run: _Run):
+        self.tensors = {n: t.detach().to("cpu", copy=True)
+                        for n, t in [*run.task.named_parameters(), *run.task.named_buffers()]}
+        self.optimizers = {ph: copy.deepcopy(opt.state_dict()) for ph, opt in run.optimizers.items()}
+        self.schedulers = {ph: copy.deepcopy(s.state_dict()) for ph, s in run.schedulers.items()}
+        scaler = run.accelerator.scaler
+        self.scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    @torch.no_grad()
+    def restore(self, run: _Run) -> None:
+        for name, t in [*run.task.named_parameters(), *run.task.named_buffers()]:
+            t.copy_(self.tensors[name])
+        for p in run.task.parameters():
+            p.grad = None
+        for ph, opt in run.optimizers.items():
+            opt.load_state_dict(self.optimizers[ph])
+            run.schedulers[ph].load_state_dict(self.schedulers[ph])
+        if self.scaler is not None:
+            run.accelerator.scaler.load_state_dict(self.scaler)
+        torch.set_rng_state(self.rng[0])
+        if self.rng[1] is not None:
+            torch.cuda.set_rng_state_all(self.rng[1])
+
+
 def _train_step(run: _Run, micro: list[dict[str, torch.Tensor]],
                 preemption: _Preemption) -> tuple[dict[str, float], str | None, bool]:
     """Every phase of the task in order: accumulate gradients over the micro-batches, clip, check loss and grad
@@ -447,7 +568,11 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps, self.sums = time.perf_counter(), 0, {}
+        self.start, self.steps, self.sums, self.untimed = time.perf_counter(), 0, {}, 0
+
+    def restart_clock(self, untimed_steps: int) -> None:
+        """Time images/s from now, leaving out the next `untimed_steps` steps added (the one that just ran)."""
+        self.start, self.untimed = time.perf_counter(), self.steps + untimed_steps
 
     def add(self, logs: dict[str, float]) -> None:
         self.steps += 1
@@ -473,7 +598,9 @@ def _log(run: _Run, window: _Window, logs: dict[str, float], bar) -> dict[str, f
         keys = sorted(logs)
         vals = acc.reduce(torch.tensor([logs[k] for k in keys], device=acc.device), reduction="mean")
         logs = dict(zip(keys, vals.tolist()))
-    logs["train/images_per_s"] = window.steps * t.batch_size / max(time.perf_counter() - window.start, 1e-9)
+    if window.steps > window.untimed:  # none when the window holds only the compiling first step
+        timed = window.steps - window.untimed
+        logs["train/images_per_s"] = timed * t.batch_size / max(time.perf_counter() - window.start, 1e-9)
     if torch.cuda.is_available():
         logs["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     run.writer.scalars(run.step, logs)

@@ -14,6 +14,7 @@ differs between stages is declared here.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,12 @@ class Task(nn.Module, abc.ABC):
     def optimizer_settings(self, phase: str) -> dict:
         """Overrides of optim.* for this phase's optimizer ("lr", "betas"); {} uses optim.* as they are."""
         return {}
+
+    def compile_modules(self, compile_fn: Callable[[nn.Module], None]) -> list[str]:
+        """train.compile: hand each sub-module worth compiling to `compile_fn`, which compiles it in place
+        (nn.Module.compile: parameter names, hence checkpoints, stay the same); returns their names (relative to the
+        task). The default compiles nothing."""
+        return []
 
     @abc.abstractmethod
     def ema_module(self) -> nn.Module:

@@ -123,6 +123,21 @@ class TokenizerTask(HoldsFrozen, Task):
     def ema_module(self) -> nn.Module:
         return self.autoencoder
 
+    def compile_modules(self, compile_fn) -> list[str]:
+        """The autoencoder's encoder and decoder, and the frozen LPIPS network of the perceptual loss when there
+        is one (where the loss spends its time); not the discriminator, whose frozen-parameter call in the gen phase
+        (torch.func.functional_call) and BatchNorm statistics gain little from compiling."""
+        names = []
+        for name in ("encoder", "decoder"):
+            part = getattr(self.autoencoder, name, None)
+            if isinstance(part, nn.Module):
+                compile_fn(part)
+                names.append(f"autoencoder.{name}")
+        if self.frozen("lpips") is not None:
+            compile_fn(self.frozen("lpips"))
+            names.append("lpips")
+        return names
+
     def describe(self) -> dict:
         return {"draws": "per_sample" if self.per_sample_draws else "global"}
 
