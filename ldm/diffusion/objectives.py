@@ -182,6 +182,33 @@ def vlb_terms(x0: Tensor, x_t: Tensor, index: Tensor, *, x0_hat: Tensor, var_val
     return torch.where(index == 0, nll / math.log(2.0), kl)
 
 
+def _draw_t_and_noise(x0: Tensor, t: Tensor | None, noise: Tensor | None,
+                      generator: torch.Generator | Sequence[torch.Generator] | None, *, path: Path,
+                      timesteps: str | None, **time_kw) -> tuple[Tensor, Tensor]:
+    """The given t / noise, or draws: t first, then the noise, from one generator, from each sample's own generator
+    (a list of B), or from torch's global RNG (None)."""
+    b = x0.shape[0]
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    if per_sample and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}; pass one per sample")
+    if t is None:
+        kind = timesteps or ("discrete" if isinstance(path, DiscretePath) else "uniform")
+        extra = {"num_timesteps": path.num_timesteps} if isinstance(path, DiscretePath) else {}
+
+        def draw(n, g, device):
+            return sample_timesteps(n, kind, generator=g, device=device, **time_kw, **extra)
+
+        t = (torch.cat([draw(1, g, g.device).to(x0.device) for g in generator]) if per_sample
+             else draw(b, generator, x0.device))
+    t = torch.as_tensor(t, device=x0.device)
+    if t.shape != (b,):
+        raise ValueError(f"t has shape {tuple(t.shape)}; expected ({b},)")
+    if noise is None:
+        noise = (randn_like(x0, generator) if per_sample
+                 else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+    return t, noise
+
+
 def training_loss(
     model_fn: Callable[[Tensor, Tensor], Tensor],
     x0: Tensor,
@@ -220,26 +247,8 @@ def training_loss(
         raise ValueError(f"weighting={weighting!r}; expected one of {list(WEIGHTINGS)}")
     if learned_sigma and not isinstance(path, DiscretePath):
         raise ValueError(f"learned_sigma=True needs a DDPM path (ddpm_linear, ddpm_cosine), got {path.name!r}")
-    b = x0.shape[0]
-    per_sample = generator is not None and not isinstance(generator, torch.Generator)
-    if per_sample and len(generator) != b:
-        raise ValueError(f"got {len(generator)} generators for a batch of {b}; pass one per sample")
-    if t is None:
-        kind = timesteps or ("discrete" if isinstance(path, DiscretePath) else "uniform")
-        extra = {"num_timesteps": path.num_timesteps} if isinstance(path, DiscretePath) else {}
-
-        def draw(n, g, device):
-            return sample_timesteps(n, kind, mean=logit_mean, std=logit_std, shift=shift, t_min=t_min, t_max=t_max,
-                                    generator=g, device=device, **extra)
-
-        t = (torch.cat([draw(1, g, g.device).to(x0.device) for g in generator]) if per_sample
-             else draw(b, generator, x0.device))
-    t = torch.as_tensor(t, device=x0.device)
-    if t.shape != (b,):
-        raise ValueError(f"t has shape {tuple(t.shape)}; expected ({b},)")
-    if noise is None:
-        noise = (randn_like(x0, generator) if per_sample
-                 else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+    t, noise = _draw_t_and_noise(x0, t, noise, generator, path=path, timesteps=timesteps, mean=logit_mean,
+                                 std=logit_std, shift=shift, t_min=t_min, t_max=t_max)
     x_t = path.noise(x0, noise, t)  # (B, C, ...)
     out = model_fn(x_t, t.to(x0.dtype))  # (B, C, ...) or (B, 2C, ...)
     if learned_sigma:
