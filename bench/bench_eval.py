@@ -49,24 +49,36 @@ def photo_crops(n: int, size: int, seed: int, names: list[str] | None = None) ->
     return np.stack(out)
 
 
-def extractors(weights: str, device: torch.device) -> dict:
+def extractors(weights: str, device: torch.device, names: tuple[str, ...] | None = None) -> dict:
+    """{name: images_uint8 -> 2048-d features} for each implementation in `names` (default all), same weights."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from ldm.eval.extractors import InceptionExtractor
     from ldm.eval.inception import load_inception
 
-    ours = InceptionExtractor(load_inception(weights, device=device))
-    unfolded = InceptionExtractor(load_inception(weights, device=device, fold_batchnorm=False))
-    tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device)
-    tm = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, antialias=False).to(device)
-    return {
-        "ours": lambda x: ours(x, outputs=("features",))["features"],
-        "ours (BN unfolded)": lambda x: unfolded(x, outputs=("features",))["features"],
-        "ours (pool+spatial+logits)": lambda x: ours(x, outputs=("features", "spatial", "logits"))["features"],
-        "torch-fidelity 0.4": lambda x: tf(x)[0],
-        "torchmetrics (antialias=False)": lambda x: tm.inception(x),
+    def ours(fold: bool = True, outputs: tuple[str, ...] = ("features",)):
+        net = InceptionExtractor(load_inception(weights, device=device, fold_batchnorm=fold))
+        return lambda x: net(x, outputs=outputs)["features"]
+
+    def torch_fidelity():
+        tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+        tf = tf.to(device)
+        return lambda x: tf(x)[0]
+
+    def torchmetrics():
+        tm = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, antialias=False)
+        tm = tm.to(device)
+        return lambda x: tm.inception(x)
+
+    factories = {
+        "ours": ours,
+        "ours (BN unfolded)": lambda: ours(fold=False),
+        "ours (pool+spatial+logits)": lambda: ours(outputs=("features", "spatial", "logits")),
+        "torch-fidelity 0.4": torch_fidelity,
+        "torchmetrics (antialias=False)": torchmetrics,
     }
+    return {name: make() for name, make in factories.items() if names is None or name in names}
 
 
 @torch.inference_mode()

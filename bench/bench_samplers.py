@@ -1,6 +1,7 @@
 """Images/s of ldm's samplers at ~50 NFE vs the matching diffusers scheduler loop, same network, same process, CPU.
 
     python bench/bench_samplers.py [--models null,tiny,S/2] [--batch null=8,tiny=8,S/2=2] [--repeats 3] [--threads 1]
+    python bench/bench_samplers.py --compare-bf16 --models tiny,S/2      # bf16 autocast vs fp32, ldm samplers only
 
 The network is diffusers' DiTTransformer2DModel (no learned sigma, no CFG), built at random init:
   null  no network at all (output = 0.1 x): the samplers' own cost per step, 8x8x4 latents
@@ -16,7 +17,9 @@ Pairs (ldm sampler / diffusers scheduler), ldm time t = (i + 1) / 1000 for DDPM 
   heun            sample_heun, 25 steps             / HeunDiscreteScheduler, 25 steps  (49 NFE each)
   euler (flow)    sample_euler on "linear"          / FlowMatchEulerDiscreteScheduler  50 NFE
   euler_maruyama  sample_euler_maruyama (SiT grid)  / (no diffusers peer)      50 NFE
-Timings alternate ldm / diffusers runs and report the median of --repeats runs. One thread by default: on a shared
+Timings alternate ldm / diffusers runs and report the median of --repeats runs. --compare-bf16 times each ldm
+sampler under torch.autocast("cpu", bfloat16) against fp32 instead, alternating, and reports how far the bf16 samples
+land from the fp32 ones. One thread by default: on a shared
 CPU, torch's multi-threaded kernels slow down by 10-100x under contention and make the numbers meaningless.
 """
 from __future__ import annotations
@@ -118,53 +121,92 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def compare_diffusers(name: str, net, x_T, y, repeats: int) -> None:
+    """One table row per sampler pair: ldm img/s, diffusers img/s and their ratio (null: ms per NFE)."""
+    batch = x_T.shape[0]
+    for label, sampler, pname, prediction, steps, kw, sched, d_steps in pairs():
+        path = get_path(pname)
+        ts = ldm_times(label, path, steps, sched)
+        nfe = []
+        hook = net.register_forward_hook(lambda *a, **k: nfe.append(1))
+        ldm_run(net, sampler, x_T, y, ts, path, prediction, generator=torch.Generator().manual_seed(2), **kw)
+        hook.remove()
+        ours, theirs = [], []
+        for _ in range(repeats):
+            ours.append(timed(lambda: ldm_run(net, sampler, x_T, y, ts, path, prediction,
+                                              generator=torch.Generator().manual_seed(2), **kw)))
+            if sched is not None:
+                theirs.append(timed(lambda: diffusers_loop(net, sched, x_T, y, d_steps,
+                                                           generator=torch.Generator().manual_seed(2))))
+        ips = batch / statistics.median(ours)
+        if name == "null":  # report the sampler's own milliseconds per step
+            ms = 1e3 * statistics.median(ours) / len(nfe)
+            dms = 1e3 * statistics.median(theirs) / len(nfe) if sched is not None else float("nan")
+            print(f"| null | {batch} | {label} | {len(nfe)} | {ms:.3f} ms/NFE | {dms:.3f} ms/NFE | "
+                  f"{dms / ms:.2f} |", flush=True)
+        elif sched is None:
+            print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | - | - |", flush=True)
+        else:
+            dips = batch / statistics.median(theirs)
+            print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | {dips:.2f} | {ips / dips:.2f} |",
+                  flush=True)
+
+
+def compare_bf16(name: str, net, x_T, y, repeats: int) -> None:
+    """One table row per ldm sampler: img/s in fp32 and with the whole sampler under torch.autocast(bf16) (the
+    network's matmuls in bf16, the sampler's updates in fp32 as autocast leaves them), their ratio, and how far the
+    bf16 samples land from the fp32 ones (max |difference| / std of the fp32 samples)."""
+    batch = x_T.shape[0]
+    for label, sampler, pname, prediction, steps, kw, sched, _ in pairs():
+        path = get_path(pname)
+        ts = ldm_times(label, path, steps, sched)
+        runs = {}
+        for prec in ("fp32", "bf16"):
+            def run(prec=prec, sampler=sampler, ts=ts, path=path, prediction=prediction, kw=kw):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                    return ldm_run(net, sampler, x_T, y, ts, path, prediction,
+                                   generator=torch.Generator().manual_seed(2), **kw)
+            runs[prec] = run
+        out = {prec: run().float() for prec, run in runs.items()}  # also the warm-up
+        times = {prec: [] for prec in runs}
+        for _ in range(repeats):
+            for prec, run in runs.items():
+                times[prec].append(timed(run))
+        ips = {prec: batch / statistics.median(v) for prec, v in times.items()}
+        dev = float((out["bf16"] - out["fp32"]).abs().max() / out["fp32"].std())
+        print(f"| {name} | {batch} | {label} | {ips['fp32']:.2f} | {ips['bf16']:.2f} | {ips['bf16'] / ips['fp32']:.2f} "
+              f"| {dev:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="null,tiny,S/2", help=f"comma list of {sorted(MODELS)}")
     ap.add_argument("--batch", default="null=8,tiny=8,S/2=2", help="per-model batch sizes, name=B comma list")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--compare-bf16", action="store_true",
+                    help="instead of diffusers: each ldm sampler under bf16 autocast vs fp32 (null is skipped)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(","))}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}", flush=True)
-    print("| model | batch | sampler | NFE | ldm img/s | diffusers img/s | ldm / diffusers |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    if args.compare_bf16:
+        print("| model | batch | sampler | fp32 img/s | bf16 img/s | bf16 / fp32 | max abs diff / std |")
+        print("|---|---|---|---|---|---|---|", flush=True)
+    else:
+        print("| model | batch | sampler | NFE | ldm img/s | diffusers img/s | ldm / diffusers |")
+        print("|---|---|---|---|---|---|---|", flush=True)
     for name in args.models.split(","):
+        if args.compare_bf16 and name == "null":
+            continue
         batch = batches[name]
         net = build_net(name)
         size = MODELS[name]["sample_size"]
         x_T = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(1))
         y = torch.arange(batch) % 1000
         with torch.no_grad():
-            for label, sampler, pname, prediction, steps, kw, sched, d_steps in pairs():
-                path = get_path(pname)
-                ts = ldm_times(label, path, steps, sched)
-                nfe = []
-                counting = lambda *a, **k: nfe.append(1)
-                hook = net.register_forward_hook(counting)
-                ldm_run(net, sampler, x_T, y, ts, path, prediction, generator=torch.Generator().manual_seed(2), **kw)
-                hook.remove()
-                ours, theirs = [], []
-                for _ in range(args.repeats):
-                    ours.append(timed(lambda: ldm_run(net, sampler, x_T, y, ts, path, prediction,
-                                                      generator=torch.Generator().manual_seed(2), **kw)))
-                    if sched is not None:
-                        theirs.append(timed(lambda: diffusers_loop(net, sched, x_T, y, d_steps,
-                                                                   generator=torch.Generator().manual_seed(2))))
-                ips = batch / statistics.median(ours)
-                if name == "null":  # report the sampler's own milliseconds per step
-                    ms = 1e3 * statistics.median(ours) / len(nfe)
-                    dms = 1e3 * statistics.median(theirs) / len(nfe) if sched is not None else float("nan")
-                    print(f"| null | {batch} | {label} | {len(nfe)} | {ms:.3f} ms/NFE | {dms:.3f} ms/NFE | "
-                          f"{dms / ms:.2f} |", flush=True)
-                elif sched is None:
-                    print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | - | - |", flush=True)
-                else:
-                    dips = batch / statistics.median(theirs)
-                    print(f"| {name} | {batch} | {label} | {len(nfe)} | {ips:.2f} | {dips:.2f} | {ips / dips:.2f} |",
-                          flush=True)
+            (compare_bf16 if args.compare_bf16 else compare_diffusers)(name, net, x_T, y, args.repeats)
 
 
 if __name__ == "__main__":
