@@ -209,6 +209,7 @@ def test_corrupt_image_with_on_error_raise(setup, tmp_path):
     one_error_line(proc, "cache-latents", "b_broken.png")
 
 
+@pytest.mark.slow  # ~50 s: two tokenizer loads and a reconstruction pass in subprocesses
 def test_reconstruction_metrics_offline_name_the_metric_to_drop(setup, tmp_path, monkeypatch, capsys):
     """Default --metrics need the Inception and VGG16 weights; without them the command stops before any work, and
     the --metrics it suggests run offline."""

@@ -69,7 +69,7 @@ class _AutocastProbe(ToyTask):
 
 
 def _toy_fit(root, *overrides):
-    cfg = toy_config([f"train.run_root={root}", "name=p", *overrides])
+    cfg = toy_config([f"train.run_root={root}", "name=p", "train.mixed_precision=auto", *overrides])  # toy: fp32
     task = _AutocastProbe()
     fit(cfg, task, build_dataset(cfg.data), progress=False)
     return task.seen, (root / "p" / "train.log").read_text().splitlines()
