@@ -4,25 +4,17 @@ tests/fixtures/make_legacy_run.py) still resumes and samples, bit for bit as tha
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from conftest import REPO, run_python
 
 FIXTURE = REPO / "tests" / "fixtures" / "legacy_run"
+sys.path.insert(0, str(FIXTURE.parent))
+from make_legacy_run import weights_digest  # noqa: E402  (the digest the fixture's expected.json was made with)
+
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
-
-
-def _weights_digest(ckpt: Path) -> str:
-    from safetensors.torch import load_file
-
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "ema.safetensors"):
-        state = load_file(str(ckpt / name))
-        for k in sorted(state):
-            h.update(k.encode())
-            h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -35,7 +27,7 @@ def test_legacy_generator_run_resumes_bit_exactly(tmp_path):
     root = _copy(tmp_path)
     run_python([str(REPO / "train.py"), str(root / "gen" / "config.yaml"), f"train.run_root={root}",
                 f"tokenizer.checkpoint={root / 'tok'}", "train.max_steps=4", "--no-progress"], cwd=root)
-    assert _weights_digest(root / "gen" / "checkpoints" / "step_0000004") == EXPECTED["resumed_step4_weights_sha256"]
+    assert weights_digest(root / "gen" / "checkpoints" / "step_0000004") == EXPECTED["resumed_step4_weights_sha256"]
 
 
 def test_legacy_generator_run_samples_identically(tmp_path):
