@@ -14,7 +14,7 @@ from ldm.config import (
     help_lines,
     load_config,
 )
-from ldm.names import DIT_PRESET_NAMES, ENCODER_NAMES, EXTRACTOR_NAMES, SAMPLER_NAMES
+from ldm.names import DIT_PRESET_NAMES, ENCODER_NAMES, EXTRACTOR_NAMES, SAMPLER_NAMES, TOKENIZER_KINDS
 
 
 def test_defaults_and_overrides():
@@ -98,13 +98,15 @@ def test_name_tuples_equal_their_registries():
     from ldm.encoders import ENCODERS
     from ldm.eval.extractors import EXTRACTORS
     from ldm.models.dit import DIT_PRESETS
+    from ldm.tokenizers.kinds import KINDS
 
-    for names in (SAMPLER_NAMES, DIT_PRESET_NAMES, EXTRACTOR_NAMES, ENCODER_NAMES):
+    for names in (SAMPLER_NAMES, DIT_PRESET_NAMES, EXTRACTOR_NAMES, ENCODER_NAMES, TOKENIZER_KINDS):
         assert len(set(names)) == len(names)
     assert set(SAMPLER_NAMES) == set(SAMPLERS)
     assert set(DIT_PRESET_NAMES) == set(DIT_PRESETS)
     assert set(EXTRACTOR_NAMES) == set(EXTRACTORS)
     assert set(ENCODER_NAMES) == set(ENCODERS) | {"digits"}
+    assert set(TOKENIZER_KINDS) == set(KINDS)
 
 
 def test_config_module_does_not_import_torch():

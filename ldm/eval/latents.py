@@ -239,7 +239,7 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
                        device: str | torch.device = "cpu", out_dir: str | Path | None = None,
                        progress: bool = False) -> dict:
     """All diagnostics of a frozen tokenizer (ldm.tokenizers.export.Tokenizer: encode, decode, kind, downsample;
-    posterior for KL, encode_indices for VQ) on the first `num_images` images of `data`.
+    family; posterior for gaussian kinds, encode_indices for quantised ones) on the first `num_images` images of `data`.
 
     `encoder` (images in [-1, 1] -> patch tokens (B, L, D), e.g. ldm.encoders.FrozenEncoder) enables the alignment
     metrics; without it they are skipped and the JSON says so. With `out_dir`, writes latent_diagnostics.json and
@@ -255,13 +255,13 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
     f = tokenizer.downsample
     latents, logvars, indices, feats = [], [], [], []
     for x in tqdm(batches, desc="encode", unit="batch", disable=not progress):
-        if tokenizer.kind == "kl":
+        if tokenizer.family == "gaussian":
             post = tokenizer.posterior(x)
             z = post.mean.float()  # what encode() returns
             logvars.append(post.logvar.float().cpu())
         else:
             z = tokenizer.encode(x)  # (B, C, h, w)
-        if tokenizer.kind == "vq":
+        if tokenizer.family == "quantised":
             indices.append(tokenizer.encode_indices(x).cpu())
         if encoder is not None:
             feats.append(features_at_grid(encoder, x, tuple(z.shape[-2:])).cpu())  # (B, D, h, w)
@@ -281,10 +281,10 @@ def diagnose_tokenizer(tokenizer, data: str, *, image_size: int | None = None, n
                      "image": spectrum_summary(images, hf_cutoff),
                      "image_at_latent": spectrum_summary(F.avg_pool2d(images, f), hf_cutoff)},
     }
-    if tokenizer.kind == "kl":
+    if tokenizer.family == "gaussian":
         result["posterior"] = posterior_stats(z, torch.cat(logvars))
-    elif tokenizer.kind == "vq":
-        result["codebook"] = codebook_stats(torch.cat(indices), int(tokenizer.model.config["codebook_size"]))
+    elif tokenizer.family == "quantised":
+        result["codebook"] = codebook_stats(torch.cat(indices), tokenizer.kind_ops.codebook_size(tokenizer.model))
     if encoder is not None:
         result["alignment"] = {"encoder": encoder_name or type(encoder).__name__,
                                **alignment(z, torch.cat(feats), topk=topk, max_tokens=max_tokens, seed=seed)}

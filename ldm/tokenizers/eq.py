@@ -148,9 +148,11 @@ class EqRegulariser(nn.Module):
 
 def build_eq(cfg: EqCfg, *, autoencoder: nn.Module) -> EqRegulariser:
     """The EQ-VAE regulariser of `autoencoder` (whose downsampling factor aligns latent and image transforms)."""
-    from ldm.tokenizers.export import model_downsample  # imports diffusers: keep this module light to import
+    from ldm.tokenizers.kinds import (
+        kind_of,  # imports diffusers: keep this module light to import
+    )
 
-    return EqRegulariser(cfg, downsample=model_downsample(autoencoder))
+    return EqRegulariser(cfg, downsample=kind_of(autoencoder).downsample(autoencoder))
 
 
 @torch.no_grad()

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+
+from ldm.tokenizers.base import Encoded, Posterior, TokenizerKind
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,6 @@ def autoencoder_downsample(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-class Posterior(NamedTuple):
-    """Diagonal Gaussian q(z|x): mean and log-variance, each (B, C, h, w)."""
-    mean: torch.Tensor
-    logvar: torch.Tensor
-
-    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """z = mean + exp(logvar / 2) * eps (reparameterisation, Kingma & Welling 2014 Eq. 10). eps comes from
-        `generator`: one, one per sample (a list of B: sample i's eps from generator i, whatever batch it is in), or
-        None (torch's global RNG)."""
-        if generator is None or isinstance(generator, torch.Generator):
-            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        else:
-            if len(generator) != self.mean.shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {self.mean.shape[0]}")
-            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g, device=g.device, dtype=self.mean.dtype)
-                               for g in generator]).to(self.mean.device)  # (B, C, h, w)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps
-
-
 def encode_posterior(vae: AutoencoderKL, x: torch.Tensor) -> Posterior:
     """q(z|x) of an AutoencoderKL: encoder -> quant_conv -> (mean, logvar clamped to [-30, 20])."""
     moments = vae.encoder(x)  # (B, 2C, h, w)
@@ -103,11 +85,78 @@ def decode_latent(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     return vae.decoder(z)
 
 
-def decoder_last_layer(module: nn.Module) -> torch.Tensor:
-    """W of the adaptive GAN weight (Esser et al. 2021 Eq. 7): the decoder's output conv weight."""
-    return module.decoder.conv_out.weight
+# diffusers config keys that define the AutoencoderKL network (the rest are inference metadata)
+KL_ARCH_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "use_quant_conv",
+                "use_post_quant_conv", "mid_block_add_attention")
 
 
-def encoder_last_layer(module: nn.Module) -> torch.Tensor:
-    """W of VA-VAE's adaptive VF weight: the encoder's output conv weight (LightningDiT autoencoder.py L385)."""
-    return module.encoder.conv_out.weight
+class KLKind(TokenizerKind):
+    """`tokenizer.kind: kl`: a diffusers AutoencoderKL with LDM's diagonal Gaussian posterior; trained with
+    kl_weight * KL(q(z|x) || N(0, I)) (summed over latent elements, averaged over the batch); exports as a diffusers
+    folder."""
+
+    name, family, module_type = "kl", "gaussian", AutoencoderKL
+
+    def build(self, cfg, image_size: int) -> nn.Module:
+        return build_autoencoder_kl(latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
+                                    layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                                    mid_block_attention=cfg.mid_block_attention, attn_levels=cfg.attn_levels,
+                                    use_quant_conv=cfg.use_quant_conv, sample_size=image_size)
+
+    def arch(self, model: nn.Module) -> dict[str, Any]:
+        return {k: list(model.config[k]) if isinstance(model.config[k], tuple) else model.config[k]
+                for k in KL_ARCH_KEYS if k in model.config}
+
+    def from_arch(self, config: dict[str, Any]) -> nn.Module:
+        return AutoencoderKL(**config)
+
+    def downsample(self, model: nn.Module) -> int:
+        return autoencoder_downsample(model)
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.latent_channels
+
+    def encode_train(self, model, x, *, cfg, draws) -> Encoded:
+        from ldm.tokenizers.losses import kl_diagonal_gaussian
+
+        post = encode_posterior(model, x)
+        z = post.sample(draws)  # (B, C, h, w)
+        kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
+        return Encoded(z, cfg.kl_weight * kl, {"loss_kl": kl})
+
+    def encode(self, model, x, *, sample=False, generator=None) -> torch.Tensor:
+        post = encode_posterior(model, x)
+        return post.sample(generator) if sample else post.mean
+
+    def decode(self, model, z) -> torch.Tensor:
+        return decode_latent(model, z)
+
+    def posterior(self, model, x) -> Posterior:
+        return encode_posterior(model, x)
+
+    def is_folder(self, folder: Path) -> bool:
+        config = folder / "config.json"
+        return config.is_file() and json.loads(config.read_text()).get("_class_name") in (None, "AutoencoderKL")
+
+    def save_folder(self, model, out_dir: Path, *, stats, scaling_factor: float | None) -> None:
+        """save_pretrained, with the statistics registered in the config as scaling_factor / latents_mean /
+        latents_std, else `scaling_factor` (the caller passes 1.0 when none is known, never diffusers' default
+        0.18215, SD-VAE's factor)."""
+        if stats is not None:
+            model.register_to_config(scaling_factor=stats.scaling_factor, latents_mean=list(stats.mean),
+                                     latents_std=list(stats.std))
+        elif scaling_factor is not None:
+            model.register_to_config(scaling_factor=scaling_factor)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def load_folder(self, folder: Path):
+        from ldm.tokenizers.stats import LatentStats
+
+        vae = load_autoencoder_kl(folder)
+        cfg = vae.config
+        stats = None
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            stats = LatentStats(mean=list(cfg.latents_mean), std=list(cfg.latents_std),
+                                scaling_factor=float(cfg.scaling_factor), num_images=0)
+        return vae, stats, float(cfg.scaling_factor)

@@ -31,7 +31,7 @@ from torch import nn
 from ldm.config import VaCfg
 from ldm.encoders import features_at_grid, tokens_to_grid  # noqa: F401 (tokens_to_grid: re-exported)
 from ldm.frozen import HoldsFrozen
-from ldm.tokenizers.kl import encoder_last_layer
+from ldm.tokenizers.kinds import kind_of
 from ldm.tokenizers.losses import adaptive_weight
 
 
@@ -107,7 +107,8 @@ class VaRegulariser(VFAligner):
         z_proj, feats = self(x_in, z)  # (B, D, h, w) each
         lvf = vf_loss(z_proj.float(), feats, margin_cos=c.margin_cos, margin_dist=c.margin_dist,
                       cos_weight=c.cos_weight, distmat_weight=c.distmat_weight).mean()
-        weight = (adaptive_weight(nll, lvf, encoder_last_layer(autoencoder), max_weight=1e8) if c.adaptive
+        last = kind_of(autoencoder).encoder_last_layer(autoencoder)
+        weight = (adaptive_weight(nll, lvf, last, max_weight=1e8) if c.adaptive
                   else torch.ones((), device=lvf.device)) * c.vf_weight
         return weight * lvf, {"loss_vf": lvf, "vf_weight": weight}
 
@@ -121,9 +122,6 @@ def build_va(cfg: VaCfg, *, autoencoder: nn.Module) -> VaRegulariser:
     starts."""
     # build_encoder is looked up at call time, so tests can substitute a tiny encoder
     from ldm.encoders import build_encoder
-    from ldm.tokenizers.vq import VQAutoencoder
-
     encoder = build_encoder(cfg.encoder, weights_path=cfg.weights, preprocess=cfg.preprocess)
-    latent_channels = autoencoder.latent_channels if isinstance(autoencoder, VQAutoencoder) \
-        else autoencoder.config.latent_channels
+    latent_channels = kind_of(autoencoder).latent_channels(autoencoder)
     return VaRegulariser(cfg, encoder=encoder, feature_dim=encoder.feature_dim, latent_channels=latent_channels)

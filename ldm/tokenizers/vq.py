@@ -21,14 +21,18 @@ rank 0, so every process keeps the same codebook.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import Decoder, Encoder
+from safetensors.torch import load_file
 from torch import nn
 
+from ldm.io import atomic_write_text, save_tensors
+from ldm.tokenizers.base import Encoded, TokenizerKind, load_strict
 from ldm.tokenizers.kl import block_types
 
 
@@ -250,3 +254,61 @@ class VQAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         q = self.encode(x)
         return self.decode(q.z_q), q
+
+
+# buffers that only steer training (usage counts for restarts, EMA codebook statistics): not exported or fingerprinted
+VQ_TRAINING_BUFFERS = ("quantizer.usage", "quantizer.usage_initialized", "quantizer.ema_cluster_size",
+                       "quantizer.ema_embed_sum")
+VQ_CONFIG_FILE = "vq_config.json"
+VQ_WEIGHTS_FILE = "vq_model.safetensors"
+
+
+class VQKind(TokenizerKind):
+    """`tokenizer.kind: vq`: the VQAutoencoder above; its own loss term is codebook + commitment (+ entropy)."""
+
+    name, family, module_type = "vq", "quantised", VQAutoencoder
+
+    def build(self, cfg, image_size: int) -> nn.Module:
+        q = cfg.vq
+        return VQAutoencoder(block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                             norm_num_groups=cfg.norm_num_groups, mid_block_attention=cfg.mid_block_attention,
+                             attn_levels=cfg.attn_levels, z_channels=cfg.latent_channels,
+                             codebook_size=q.codebook_size, code_dim=q.code_dim, beta=q.beta, l2_norm=q.l2_norm,
+                             use_ema=q.ema, ema_decay=q.ema_decay, dead_code_threshold=q.dead_code_threshold,
+                             entropy_weight=q.entropy_weight, entropy_temperature=q.entropy_temperature)
+
+    def training_buffers(self) -> tuple[str, ...]:
+        return VQ_TRAINING_BUFFERS
+
+    def encode_train(self, model, x, *, cfg, draws) -> Encoded:
+        q = model.encode(x)
+        loss = (q.codebook_loss + q.commit_loss).mean() + q.entropy_loss
+        return Encoded(q.z_q, loss, {"loss_codebook": q.codebook_loss.mean(), "loss_commit": q.commit_loss.mean(),
+                                     "loss_entropy": q.entropy_loss, "vq_perplexity": q.perplexity,
+                                     "vq_usage": q.usage})  # z_q is straight-through
+
+    def encode(self, model, x, *, sample=False, generator=None) -> torch.Tensor:
+        return model.encode(x).z_q
+
+    def indices(self, model, x) -> torch.Tensor:
+        return model.encode(x).indices
+
+    def codebook_size(self, model) -> int:
+        return int(model.config["codebook_size"])
+
+    def is_folder(self, folder) -> bool:
+        return (folder / VQ_CONFIG_FILE).is_file()
+
+    def save_folder(self, model, out_dir, *, stats, scaling_factor) -> None:
+        """`vq_model.safetensors` (inference tensors) + `vq_config.json` (the constructor arguments)."""
+        save_tensors(out_dir / VQ_WEIGHTS_FILE,
+                     {k: v for k, v in model.state_dict().items() if k not in VQ_TRAINING_BUFFERS})
+        atomic_write_text(out_dir / VQ_CONFIG_FILE, json.dumps(model.config, indent=2) + "\n")
+
+    def load_folder(self, folder):
+        weights = folder / VQ_WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"VQ tokenizer folder {str(folder)!r} has {VQ_CONFIG_FILE} but no {VQ_WEIGHTS_FILE}")
+        model = VQAutoencoder(**json.loads((folder / VQ_CONFIG_FILE).read_text()))
+        load_strict(model, load_file(str(weights)), str(weights), allow_missing=VQ_TRAINING_BUFFERS)
+        return model, None, None

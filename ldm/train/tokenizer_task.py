@@ -1,14 +1,15 @@
-"""Stage 1 as a `Task`: an autoencoder (KL or VQ) trained with reconstruction + LPIPS + PatchGAN losses, optionally
+"""Stage 1 as a `Task`: an autoencoder (any kind of ldm.tokenizers.kinds) trained with reconstruction + LPIPS + PatchGAN losses, optionally
 regularised by EQ-VAE (equivariance), VA-VAE (vision-foundation alignment) or any regulariser of
 ldm.tokenizers.regularisers.
 
 One step = a generator ("gen") phase then a discriminator ("disc") phase per micro-batch, as the two optimizers of
 taming/LDM (Esser et al. 2021; Rombach et al. 2022). The generator loss is
 
-  KL (latent-diffusion contperceptual.py):  L = NLL + kl_weight * KL + lambda * disc_factor * L_G [+ regularisers]
+  gaussian kinds, e.g. KL (latent-diffusion contperceptual.py):
+      L = NLL + kl_weight * KL + lambda * disc_factor * L_G [+ regularisers]
       NLL = sum_{c,h,w} (|x - x_rec| + w_p LPIPS) / exp(logvar) + logvar, averaged over the batch
-  VQ  (taming vqperceptual.py, LlamaGen vq_loss.py):  L = mean(|x - x_rec| + w_p LPIPS) + codebook + commitment
-      [+ entropy] + lambda * disc_factor * L_G
+  other kinds, e.g. VQ (taming vqperceptual.py, LlamaGen vq_loss.py):
+      L = mean(|x - x_rec| + w_p LPIPS) + own term (VQ: codebook + commitment [+ entropy]) + lambda * disc_factor * L_G
 
 with lambda the adaptive weight (losses.adaptive_weight, Esser et al. 2021 Eq. 7) times disc_weight and
 disc_factor = [step >= disc_start]. The discriminator loss is disc_factor * L_D(D(x), D(sg[x_rec])). L_G and L_D
@@ -44,8 +45,8 @@ from torchvision.utils import make_grid
 
 from ldm.config import TokenizerCfg
 from ldm.data.sampler import sample_generators
-from ldm.seeding import derive_seed
 from ldm.frozen import HoldsFrozen
+from ldm.seeding import derive_seed
 from ldm.tokenizers.discriminator import NLayerDiscriminator
 from ldm.tokenizers.export import (
     build_tokenizer,
@@ -53,20 +54,18 @@ from ldm.tokenizers.export import (
     run_checkpoint_state,
     save_tokenizer_arch,
 )
-from ldm.tokenizers.kl import decode_latent, decoder_last_layer, encode_posterior
+from ldm.tokenizers.kinds import kind_of
 from ldm.tokenizers.losses import (
     D_LOSSES,
     G_LOSSES,
     adaptive_weight,
     adopt_weight,
     build_lpips,
-    kl_diagonal_gaussian,
     lpips_loss,
     nll_loss,
     reconstruction_loss,
 )
 from ldm.tokenizers.regularisers import Regulariser, build_regularisers
-from ldm.tokenizers.vq import VQAutoencoder
 from ldm.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,9 @@ class TokenizerTask(HoldsFrozen, Task):
         self.regularisers = list(regularisers)
         for r in self.regularisers:  # registered under their names: trainable weights saved as "<name>.*"
             self.add_module(r.name, r)
-        self.is_vq = isinstance(autoencoder, VQAutoencoder)
-        if not self.is_vq:  # LDM's scalar output log-variance (contperceptual.py L23)
+        self.kind = kind_of(autoencoder)
+        self.gaussian = self.kind.family == "gaussian"
+        if self.gaussian:  # LDM's scalar output log-variance (contperceptual.py L23)
             self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
         self.add_frozen("lpips", lpips)
         self.g_loss, self.d_loss = G_LOSSES[cfg.disc_loss], D_LOSSES[cfg.disc_loss]
@@ -106,7 +106,7 @@ class TokenizerTask(HoldsFrozen, Task):
     # ------------------------------------------------------------------------------------------------ Task API
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         gen = [p for p in self.autoencoder.parameters() if p.requires_grad]
-        if not self.is_vq and self.logvar.requires_grad:
+        if self.gaussian and self.logvar.requires_grad:
             gen.append(self.logvar)
         for r in self.regularisers:
             gen += r.gen_parameters()
@@ -163,21 +163,15 @@ class TokenizerTask(HoldsFrozen, Task):
 
     def _encode(self, x: torch.Tensor, logs: dict[str, torch.Tensor],
                 sample_seeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent to decode (B, C, h, w), the weighted KL or VQ codebook terms) of the input x; the KL posterior
-        sample is drawn per sample from `sample_seeds` (None: torch's global RNG)."""
-        ae = self.autoencoder
-        if self.is_vq:
-            q = ae.encode(x)
-            reg = (q.codebook_loss + q.commit_loss).mean() + q.entropy_loss
-            logs.update(loss_codebook=q.codebook_loss.mean(), loss_commit=q.commit_loss.mean(),
-                        loss_entropy=q.entropy_loss, vq_perplexity=q.perplexity, vq_usage=q.usage)
-            return q.z_q, reg  # straight-through
-        post = encode_posterior(ae, x)
+        """(latent to decode (B, C, h, w), the kind's weighted own term: KL, VQ codebook terms, ...) of the input x;
+        any noise the kind adds (the KL posterior sample) is drawn per sample from `sample_seeds` (None: torch's
+        global RNG)."""
         draws = None if sample_seeds is None else sample_generators(sample_seeds, "posterior", x.device)
-        z = post.sample(draws)  # (B, C, h, w)
-        kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
-        logs.update(loss_kl=kl, logvar=self.logvar)
-        return z, self.cfg.kl_weight * kl
+        enc = self.kind.encode_train(self.autoencoder, x, cfg=self.cfg, draws=draws)
+        logs.update(enc.logs)
+        if self.gaussian:
+            logs["logvar"] = self.logvar
+        return enc.z, enc.loss
 
     def _nll(self, target: torch.Tensor, x_rec: torch.Tensor, logs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reconstruction NLL: L1/L2 + LPIPS, through the learned log-variance for KL (see the module docstring)."""
@@ -186,7 +180,7 @@ class TokenizerTask(HoldsFrozen, Task):
         p = (lpips_loss(self.frozen("lpips"), target, x_rec) if cfg.perceptual_weight > 0
              else rec.new_zeros(rec.shape[0]))  # (B,)
         rec_total = rec + cfg.perceptual_weight * p.view(-1, 1, 1, 1)
-        nll = rec_total.mean() if self.is_vq else nll_loss(rec_total, self.logvar).mean()
+        nll = nll_loss(rec_total, self.logvar).mean() if self.gaussian else rec_total.mean()
         logs.update(loss_rec=rec.mean(), loss_lpips=p.mean(), loss_nll=nll)
         return nll
 
@@ -210,14 +204,14 @@ class TokenizerTask(HoldsFrozen, Task):
         z_dec, target = z, x_in
         for r in self.regularisers:
             z_dec, target = r.transform(z_dec, target)
-        x_rec = (ae.decode(z_dec) if self.is_vq else decode_latent(ae, z_dec)).float()  # (B, 3, H', W')
+        x_rec = self.kind.decode(ae, z_dec).float()  # (B, 3, H', W')
         nll = self._nll(target, x_rec, logs)
         loss = nll + reg
 
         disc_factor = adopt_weight(1.0, step, cfg.disc_start)
         if disc_factor > 0 and cfg.disc_weight > 0:
             g = self.g_loss(self._frozen_discriminator(x_rec)).mean()
-            d_weight = (adaptive_weight(nll, g, decoder_last_layer(ae)) if cfg.disc_adaptive
+            d_weight = (adaptive_weight(nll, g, self.kind.decoder_last_layer(ae)) if cfg.disc_adaptive
                         else torch.ones((), device=g.device)) * cfg.disc_weight
             loss = loss + d_weight * disc_factor * g
             logs.update(loss_g=g, d_weight=d_weight)
@@ -250,9 +244,7 @@ class TokenizerTask(HoldsFrozen, Task):
         was_training = model.training
         model.eval()
         try:
-            if isinstance(model, VQAutoencoder):
-                return model(x)[0].float()
-            return decode_latent(model, encode_posterior(model, x).mean).float()
+            return self.kind.decode(model, self.kind.encode(model, x)).float()
         finally:
             model.train(was_training)
 
