@@ -231,11 +231,13 @@ class TokenizerCfg:
                                                                       "architecture) from a diffusers AutoencoderKL "
                                                                       "folder or an ldm tokenizer run; generator "
                                                                       "stage: the frozen tokenizer when "
-                                                                      "tokenizer.checkpoint is unset"})
+                                                                      "tokenizer.checkpoint is unset (either may be "
+                                                                      "hf://org/name[@rev][/path], ldm.hub)"})
     checkpoint: Optional[str] = field(default=None, metadata={"help": "generator stage: the frozen tokenizer, an ldm "
                                                                       "tokenizer run / checkpoint directory or export "
-                                                                      "folder; its fingerprint is recorded in every "
-                                                                      "generator checkpoint"})
+                                                                      "folder, or an hf:// Hub reference to one; its "
+                                                                      "fingerprint is recorded in every generator "
+                                                                      "checkpoint"})
     latent_channels: int = bounded(4, min=1, help="KL: latent channels; VQ: encoder output channels before the 1x1 "
                                                   "projection to vq.code_dim")
     block_out_channels: list = listed([32, 64], "encoder widths per level, full resolution first (the decoder "

@@ -146,7 +146,9 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
     from ldm.runs import load_checkpoint, load_state_strict, resolve_checkpoint
     from ldm.tokenizers.export import load_tokenizer
 
-    ckpt_dir = resolve_checkpoint(path)
+    from ldm.hub import resolve_path
+
+    ckpt_dir = resolve_checkpoint(resolve_path(path))  # a run or checkpoint directory, or an hf:// reference to one
     ckpt = load_checkpoint(ckpt_dir)
     meta = ckpt["state"].get("task", {})
     if meta.get("kind") != "generator":
@@ -241,3 +243,6 @@ def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str 
                     latent_shape=(model.in_channels, model.input_size, model.input_size),
                     learned_sigma=cfg.model.learn_sigma, checkpoint=FsPath(weights), used_ema=True, cfg=cfg)
     return gen.to(device)
+    from ldm.hub import resolve_path
+
+    weights = resolve_path(weights)  # a file, or an hf://org/name[@rev]/file reference

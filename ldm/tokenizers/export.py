@@ -82,7 +82,10 @@ def run_checkpoint_state(path: str | Path) -> tuple[dict[str, Any], dict[str, to
 
 
 def load_pretrained_autoencoder(path: str | Path) -> nn.Module:
-    """A trainable autoencoder from an export / diffusers folder or an ldm run (its non-EMA weights)."""
+    """A trainable autoencoder from an export / diffusers folder or an ldm run (its non-EMA weights); hf:// too."""
+    from ldm.hub import resolve_path
+
+    path = resolve_path(path)
     if not is_run_or_checkpoint(path):
         return _load_folder(Path(path))[0]
     arch, full, ckpt = run_checkpoint_state(path)
@@ -267,8 +270,11 @@ def _load_run(path: Path, use_ema: bool) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path, *, use_ema: bool = True, device: str | torch.device | None = None) -> Tokenizer:
-    """A frozen `Tokenizer` from a run dir, checkpoint dir, export folder or diffusers AutoencoderKL folder."""
-    path = Path(path)
+    """A frozen `Tokenizer` from a run dir, checkpoint dir, export folder or diffusers AutoencoderKL folder (each may
+    be an hf://org/name[@rev][/sub] Hub reference, ldm.hub)."""
+    from ldm.hub import resolve_path
+
+    path = Path(resolve_path(path))
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist")
     if is_run_or_checkpoint(path):
