@@ -191,5 +191,15 @@ def normalizer_for(tokenizer, *, kind: str, scaling_factor: float | None = None,
         log.info("latent statistics computed over %d images: mean %s std %s", stats.num_images,
                  [round(v, 4) for v in stats.mean], [round(v, 4) for v in stats.std])
     if kind == "scalar":
+        if not (math.isfinite(stats.scaling_factor) and stats.scaling_factor > 0):
+            raise ValueError(f"tokenizer {tokenizer.source!r}: its latents are constant over the statistics images "
+                             f"(scaling factor {stats.scaling_factor}); train the tokenizer longer or set "
+                             f"diffusion.latent_norm=none")
         return LatentNormalizer("scalar", c, scale=stats.scaling_factor)
+    # a constant channel (e.g. an FSQ level never left, a dead KL channel) would divide by zero: NaN at step 0
+    flat = [i for i, s in enumerate(stats.std) if not (math.isfinite(s) and s > 0)]
+    if flat:
+        raise ValueError(f"tokenizer {tokenizer.source!r}: latent channel(s) {flat} are constant over the statistics "
+                         f"images (std 0), so diffusion.latent_norm=channel would divide by zero; train the tokenizer "
+                         f"longer, or set diffusion.latent_norm=scalar")
     return LatentNormalizer("channel", c, mean=stats.mean, std=stats.std)
