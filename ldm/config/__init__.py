@@ -31,6 +31,7 @@ from ldm.config.schema import (  # noqa: F401
                                 PipelineCfg,
                                 RunConfig,
                                 SampleCfg,
+                                TextCfg,
                                 TokenizerCfg,
                                 TrainCfg,
                                 VaCfg,

@@ -37,15 +37,23 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.max_nan_skips": "how many bad steps are tolerated, not what a good step does",
     "train.deterministic": "kernel choice for tests and bisection: the same maths (float rounding may differ)",
     "train.compile": "speed only: the same maths (compiled kernels round floats differently)",
+    "train.trackers": "where metrics are sent (TensorBoard, W&B, MLflow), not what is trained",
+    "train.tracker_project": "which W&B project / MLflow experiment the metrics go to",
     "optim.lr": _LR_SCHEDULE,
     "optim.warmup_steps": _LR_SCHEDULE,
     "optim.schedule": _LR_SCHEDULE,
     "optim.min_lr_ratio": _LR_SCHEDULE,
     "optim.disc_lr": _LR_SCHEDULE,
+    "e2e.tokenizer_lr": _LR_SCHEDULE,
+    "e2e.disc_lr": _LR_SCHEDULE,
     "optim.grad_clip": "a limit on the update size, commonly tightened when a run spikes",
-    "data.num_workers": "loader processes: every item is a function of (index, seed), so the batches stay the same",
+    "data.num_workers": "loader processes: every item is a function of (index, seed), so the batches stay the same "
+                        "(shards excepted: their checkpoint records the worker count and the loop refuses another)",
     "data.on_error": "the policy for unreadable files: skip continues past a file that stopped the run",
     "model.grad_checkpointing": "memory traded for compute: the same gradients",
+    "diffusion.lpl.grad_checkpointing": "memory traded for compute in the decoder: the same gradients",
+    "diffusion.pixel_loss.grad_checkpointing": "memory traded for compute in the decoder: the same gradients",
+    "text.batch_size": "captions per text-encoder call: the same embeddings (float rounding may differ)",
     "model.attention": "the attention kernel: the same maths (float rounding may differ)",
     "tokenizer.checkpoint": "where a generator's frozen tokenizer is read from: a moved folder holds the same "
                             "tokenizer when its fingerprint matches the one recorded in the checkpoint",
@@ -89,6 +97,7 @@ def resume_changes(saved: Mapping, cfg: RunConfig) -> tuple[list[Change], list[C
     cfg.train.allow_changes matches its key. A key missing from `saved` (added to the schema after the checkpoint was
     written) compares as its schema default, so old checkpoints resume unchanged; a saved key the schema no longer
     has is ignored."""
+    refuse_joint_stage_change(saved, cfg)
     new = _flatten(as_container(cfg))
     old = {**_flatten(as_container(type(cfg)())), **_flatten(saved)}
     allowed: list[Change] = []
@@ -98,6 +107,24 @@ def resume_changes(saved: Mapping, cfg: RunConfig) -> tuple[list[Change], list[C
             target = allowed if may_change_on_resume(key, cfg.train.allow_changes) else refused
             target.append(Change(key, old[key], value))
     return allowed, refused
+
+
+# a joint run's checkpoint holds three models and their optimizers: no other stage continues it, nor it another's
+# (train.allow_changes cannot override this; the tuned tokenizer starts a generator run through its export)
+JOINT_STAGES = ("end_to_end",)
+
+
+def refuse_joint_stage_change(saved: Mapping, cfg: RunConfig) -> None:
+    """ConfigError (one line) when a checkpoint of a joint stage is resumed as another stage, or the reverse."""
+    from ldm.config.schema import ConfigError
+
+    before = saved.get("stage", "generator")
+    if before != cfg.stage and (before in JOINT_STAGES or cfg.stage in JOINT_STAGES):
+        fix = (f"resume it with stage={before}, or train a {cfg.stage} from its tokenizer (`ldm export <run> --to "
+               f"<folder>`, then tokenizer.checkpoint=<folder>) under another name=..." if before in JOINT_STAGES
+               else f"resume it with stage={before}, or start the {cfg.stage} run under another name=... "
+                    f"(tokenizer.pretrained=<the tokenizer run or export> initialises its tokenizer)")
+        raise ConfigError(f"stage={cfg.stage} but the checkpoint being resumed is a stage={before} run: {fix}")
 
 
 def format_refusal(refused: Sequence[Change], checkpoint: str | Path | None = None) -> str:

@@ -40,8 +40,11 @@ class DataCfg:
     source: str = field(default="digits", metadata={"help": "'digits' (scikit-learn's 1,797 8x8 handwritten digits, "
                                                             "10 classes, upsampled bicubically) or a path: an image "
                                                             "folder (searched recursively; sub-folders of the root = "
-                                                            "classes), a .zip/.tar(.gz) archive (same rules) or an ADM "
-                                                            ".npz (arr_0 uint8 NHWC images, optional arr_1 labels)"})
+                                                            "classes), a .zip/.tar archive (same rules; a compressed "
+                                                            "tar is refused: convert it with `ldm make-shards`), an "
+                                                            "ADM .npz (arr_0 uint8 NHWC images, optional arr_1 labels) "
+                                                            "or WebDataset tar shards by a brace pattern, "
+                                                            "shards/train-{000000..000127}.tar (docs/data.md)"})
     image_size: int = bounded(32, min=8, help="side of the square training images in pixels; the generator's latent "
                                               "side is image_size / the tokenizer's downsampling factor")
     crop: str = choice("center", ("center", "random", "resize"),
@@ -59,7 +62,12 @@ class DataCfg:
     min_size: int = bounded(8, min=1, help="minimum shorter side in pixels; smaller images are bad files "
                                            "(data.on_error)")
     num_workers: int = bounded(0, min=0, help="DataLoader worker processes (0 = load in the training process); "
-                                              "batches do not depend on it")
+                                              "batches do not depend on it, except with shards, where each worker "
+                                              "reads its own shards (a resume then keeps the count)")
+    shuffle_buffer: int = bounded(1000, min=0, help="shards only: items in the shuffle buffer each loader worker "
+                                                    "passes its shards' items through (tf.data / WebDataset rule; "
+                                                    "0 or 1 = shard order); shards themselves are shuffled every "
+                                                    "epoch")
     class_cond: bool = field(default=True, metadata={"help": "class-conditional generator: labels from class "
                                                              "sub-folders / npz arr_1 / digits (a source without "
                                                              "labels trains unconditionally; the tokenizer ignores "
@@ -147,6 +155,20 @@ class TrainCfg:
                                                            "timed apart ('compile + first step'); if compiling fails, "
                                                            "one warning and the run trains eagerly"})
     run_root: str = field(default="runs", metadata={"help": "runs are written to <run_root>/<name>/"})
+    trackers: list[str] = listed(["tensorboard"], "where metrics (and sample / reconstruction grids, where the tracker "
+                                                  "takes images) go besides metrics.jsonl: tensorboard (<run>/tb), "
+                                                  "wandb, mlflow (accelerate's trackers; optional extras, e.g. pip "
+                                                  "install 'ldm[wandb]'); [] = metrics.jsonl only")
+    tracker_project: str = field(default="ldm", metadata={"help": "W&B project / MLflow experiment the run logs to "
+                                                                  "(the run is named after `name`)"})
+    init_from: Optional[str] = field(default=None, metadata={"help": "generator stage: start from another generator "
+                                                                     "run's (or checkpoint's) weights, with a fresh "
+                                                                     "optimizer, step 0 and its latent normalisation; "
+                                                                     "refused for another architecture or tokenizer; "
+                                                                     "needs train.init_weights"})
+    init_weights: Optional[str] = choice(None, (None, "ema", "raw"), "which weights train.init_from loads: ema (the "
+                                                                     "EMA copy) or raw (the trained network); must be "
+                                                                     "given with train.init_from")
     allow_changes: list[str] = listed([], "config keys (or patterns such as model.*) that may differ from the "
                                           "checkpoint's config when resuming although they change the experiment "
                                           "(see ldm.config.RESUME_MAY_CHANGE for those that always may)")
@@ -224,9 +246,95 @@ class VqCfg:
 
 
 @dataclass
+class FsqCfg:
+    levels: list = listed([8, 5, 5, 5], "FSQ levels L_i, one latent channel each (integers >= 2); codebook size = "
+                                        "prod(levels). The paper's (Mentzer et al. 2024, arXiv:2309.15505) "
+                                        "recommendation per codebook size: 2^8 [8,6,5], 2^10 [8,5,5,5] (1000 codes), "
+                                        "2^12 [7,5,5,5,5], 2^14 [8,8,8,6,5], 2^16 [8,8,8,5,5,5]")
+
+
+@dataclass
+class SigmaVaeCfg:
+    enabled: bool = field(default=False, metadata={"help": "sigma-VAE (LatentLM, Sun et al. 2024, arXiv:2412.08635): "
+                                                           "the KL tokenizer trains on z = mean + sigma * eps with "
+                                                           "sigma ~ N(0, c_sigma^2) drawn per image, not the encoder's "
+                                                           "variance, and the KL term keeps only its mean part "
+                                                           "kl_weight * 0.5 * sum mean^2; kind=kl only"})
+    c_sigma: float = bounded(0.9375, min=0.0, min_exclusive=True,
+                             help="C_sigma, the standard deviation of the per-image noise scale sigma (released "
+                                  "LatentLM code: std / 0.8 with std = 0.75)")
+
+
+@dataclass
+class LiteVaeCfg:
+    # kind=litevae: the encoder is the wavelet network below; tokenizer.block_out_channels, layers_per_block,
+    # norm_num_groups, mid_block_attention and attn_levels size its (diffusers) decoder, and the Haar levels are
+    # len(block_out_channels) - 1 (3 -> f8). Paper sizes (Sadat et al. 2024, arXiv:2405.14477): S 16 [1,2,2], B 32
+    # [1,2,3], M 64 [1,2,4] / aggregator 32 [1,2,3], L 64 [1,2,4], 2 blocks each
+    # (ldm.tokenizers.litevae.ENCODER_PRESETS)
+    extractor_channels: int = bounded(16, min=1, help="base width C of each wavelet level's feature-extraction UNet "
+                                                      "F_l (LiteVAE-S 16, B 32, M and L 64)")
+    extractor_mult: list = listed([1, 2, 2], "width multipliers of F_l's levels (widths C * m, the resolution never "
+                                             "changes; LiteVAE-S [1,2,2], B [1,2,3], M and L [1,2,4])")
+    extractor_blocks: int = bounded(2, min=1, help="ResBlocks per multiplier in F_l, on each side of the UNet")
+    feature_channels: int = bounded(12, min=1, help="output channels of each F_l; the aggregator reads levels x this "
+                                                    "(the paper: 12, the 4 Haar sub-bands of RGB)")
+    aggregator_channels: int = bounded(16, min=1, help="base width of the feature-aggregation UNet F_agg, which maps "
+                                                       "the pooled features to the posterior mean and log-variance "
+                                                       "(LiteVAE-S 16, B and M 32, L 64)")
+    aggregator_mult: list = listed([1, 2, 2], "width multipliers of F_agg (LiteVAE-S [1,2,2], B and M [1,2,3], L "
+                                              "[1,2,4])")
+    aggregator_blocks: int = bounded(2, min=1, help="ResBlocks per multiplier in F_agg, on each side of the UNet")
+    norm_num_groups: int = bounded(8, min=1, help="GroupNorm groups in F_l and F_agg (the paper does not say; 8 "
+                                                  "divides every width of its four sizes)")
+    smc: bool = field(default=False, metadata={"help": "self-modulated convolutions (the paper's SMC) in the "
+                                                       "decoder: every GroupNorm -> SiLU -> conv of its ResNet blocks "
+                                                       "and output head becomes SiLU -> a StyleGAN2 modulated + "
+                                                       "demodulated conv with a learned per-channel style"})
+
+
+@dataclass
+class DcCfg:
+    # widths and latent channels are the shared tokenizer.block_out_channels / tokenizer.latent_channels; every list
+    # below holds one value for every stage or one per stage (entry of tokenizer.block_out_channels)
+    encoder_block_types: list = listed(["ResBlock"], "DC-AE encoder block per stage: ResBlock (conv-act-conv-norm, "
+                                                     "residual) or EfficientViTBlock (ReLU linear attention + GLU "
+                                                     "MBConv); dc-ae-f32c32-in-1.0: ResBlock x3, EfficientViTBlock "
+                                                     "x3")
+    decoder_block_types: list = listed(["ResBlock"], "DC-AE decoder block per stage (choices as "
+                                                     "encoder_block_types)")
+    encoder_layers_per_block: list = listed([1], "DC-AE encoder blocks per stage; 0 only for the first stage (a "
+                                                 "factor-2 space-to-channel input; dc-ae-f32c32-in-1.0: [0, 4, 8, 2, "
+                                                 "2, 2])")
+    decoder_layers_per_block: list = listed([1], "DC-AE decoder blocks per stage; 0 only for the first stage "
+                                                 "(dc-ae-f32c32-in-1.0: [0, 5, 10, 2, 2, 2])")
+    decoder_norm_types: list = listed(["rms_norm"], "normalisation in each decoder stage: rms_norm or batch_norm "
+                                                    "(dc-ae-*-in-1.0: batch_norm x3 then rms_norm); the encoder "
+                                                    "uses rms_norm")
+    decoder_act_fns: list = listed(["silu"], "activation of each decoder stage's ResBlocks: silu or relu "
+                                             "(dc-ae-*-in-1.0: relu x3 then silu); the encoder uses silu")
+    qkv_multiscales: list = listed([], "kernel sizes of the multi-scale query/key/value aggregation in every "
+                                       "EfficientViTBlock: [] = none (dc-ae-*-in-1.0, EViT_GLU), [5] = the SANA "
+                                       "autoencoder's EViTS5_GLU")
+    attention_head_dim: int = bounded(32, min=1, help="channels per linear-attention head of EfficientViTBlocks "
+                                                      "(released models: 32); must divide their stages' widths")
+    downsample_block_type: str = choice("pixel_unshuffle", ("pixel_unshuffle", "conv"),
+                                        "DC-AE downsampling conv path: pixel_unshuffle = 3x3 conv to a quarter of "
+                                        "the width, then space-to-channel (dc-ae-*-in-1.0); conv = 3x3 stride-2 "
+                                        "conv (SANA's autoencoder); both add the space-to-channel averaging shortcut")
+    upsample_block_type: str = choice("pixel_shuffle", ("pixel_shuffle", "interpolate"),
+                                      "DC-AE upsampling conv path: pixel_shuffle = 3x3 conv to 4x the width, then "
+                                      "channel-to-space (dc-ae-*-in-1.0); interpolate = nearest 2x then 3x3 conv "
+                                      "(SANA's autoencoder); both add the channel-duplicating shortcut")
+
+
+@dataclass
 class TokenizerCfg:
     kind: str = choice("kl", TOKENIZER_KINDS, "kl: KL autoencoder (a diffusers AutoencoderKL); vq: VQ autoencoder "
-                                              "(diffusers Encoder / Decoder around a vector quantizer)")
+                                              "(diffusers Encoder / Decoder around a vector quantizer); fsq: the "
+                                              "same around finite scalar quantization (tokenizer.fsq); litevae: "
+                                              "Haar wavelet encoder + diffusers Decoder (tokenizer.litevae); dc: "
+                                              "DC-AE, a diffusers AutoencoderDC (tokenizer.dc)")
     pretrained: Optional[str] = field(default=None, metadata={"help": "tokenizer stage: initial weights (and "
                                                                       "architecture) from a diffusers AutoencoderKL "
                                                                       "folder or an ldm tokenizer run; generator "
@@ -239,9 +347,11 @@ class TokenizerCfg:
                                                                       "fingerprint is recorded in every generator "
                                                                       "checkpoint"})
     latent_channels: int = bounded(4, min=1, help="KL: latent channels; VQ: encoder output channels before the 1x1 "
-                                                  "projection to vq.code_dim")
+                                                  "projection to vq.code_dim (FSQ: to len(fsq.levels)); DC: latent "
+                                                  "channels")
     block_out_channels: list = listed([32, 64], "encoder widths per level, full resolution first (the decoder "
-                                                "mirrors them); downsampling factor = 2**(len-1)")
+                                                "mirrors them; DC: the stage widths); downsampling factor = "
+                                                "2**(len-1)")
     layers_per_block: int = bounded(1, min=1, help="ResNet blocks per encoder level (diffusers' decoder has one more "
                                                    "per level)")
     norm_num_groups: int = bounded(32, min=1, help="GroupNorm groups in encoder and decoder; every width must be "
@@ -288,9 +398,43 @@ class TokenizerCfg:
     eq: EqCfg = field(default_factory=EqCfg, metadata={"help": "EQ-VAE regulariser"})
     va: VaCfg = field(default_factory=VaCfg, metadata={"help": "VA-VAE regulariser"})
     vq: VqCfg = field(default_factory=VqCfg, metadata={"help": "vector quantizer (kind=vq)"})
+    fsq: FsqCfg = field(default_factory=FsqCfg, metadata={"help": "finite scalar quantizer (kind=fsq)"})
+    sigma_vae: SigmaVaeCfg = field(default_factory=SigmaVaeCfg, metadata={"help": "sigma-VAE training of a KL "
+                                                                                  "tokenizer (kind=kl)"})
+    litevae: LiteVaeCfg = field(default_factory=LiteVaeCfg, metadata={"help": "LiteVAE's wavelet encoder and "
+                                                                              "decoder options (kind=litevae)"})
+    dc: DcCfg = field(default_factory=DcCfg, metadata={"help": "DC-AE blocks, depths and resampling (kind=dc)"})
     stats_num_images: int = bounded(1024, min=1, help="the first N images of data.source give the latent per-channel "
                                                       "mean / std: after tokenizer training in `ldm pipeline`, and at "
                                                       "generator start when the tokenizer has none stored")
+
+
+@dataclass
+class TextCfg:
+    encoder: Optional[str] = field(default=None, metadata={"help": "text-to-image: a frozen transformers text encoder "
+                                                                   "(CLIP text or T5 encoder), a local folder or a "
+                                                                   "Hub id already in the local cache (never "
+                                                                   "downloaded); the DiT then cross-attends to its "
+                                                                   "caption tokens (PixArt-alpha; model.arch=unet: "
+                                                                   "diffusers' UNet2DConditionModel; docs/"
+                                                                   "conditioning.md); null = no text conditioning"})
+    captions: str = field(default="auto", metadata={"help": "where the captions come from: auto = the digits' "
+                                                            "templated captions, a folder's captions.jsonl, else "
+                                                            "<image>.txt / <image>.json sidecar files; or a .jsonl "
+                                                            "manifest path ({\"file\"|\"index\", \"caption\"} per "
+                                                            "line)"})
+    max_tokens: int = bounded(77, min=1, help="caption tokens: captions are padded / truncated to this many (CLIP: "
+                                              "77 at most; PixArt-alpha's T5: 120)")
+    use_pooled: bool = field(default=True, metadata={"help": "add the pooled caption embedding (CLIP's pooled "
+                                                             "output, T5's mean token) to the adaLN condition, as "
+                                                             "SD3; false = cross-attention only, as PixArt-alpha"})
+    cache: Optional[str] = field(default=None, metadata={"help": "caption-embedding cache directory (refused when "
+                                                                 "another encoder made it); null = <data.latents>/"
+                                                                 "captions with a latent cache, else the embeddings "
+                                                                 "are computed in memory at start"})
+    cache_dtype: str = choice("float32", ("float32", "float16"), "dtype of the cached caption embeddings (float16 "
+                                                                 "halves the disk of T5-XXL's 4096-wide tokens)")
+    batch_size: int = bounded(64, min=1, help="captions per text-encoder call when the embeddings are computed")
 
 
 @dataclass
@@ -303,7 +447,9 @@ class ModelCfg:
                                                                "with L_simple + L_vlb (Nichol & Dhariwal 2021); needs "
                                                                "a ddpm_* path; the ddpm sampler then uses it"})
     class_dropout: float = bounded(0.1, min=0.0, max=1.0, help="probability of replacing a training label by the "
-                                                               "null class, for classifier-free guidance (DiT: 0.1)")
+                                                               "null class, for classifier-free guidance (DiT: 0.1); "
+                                                               "text models (text.encoder): the caption by the "
+                                                               "learned null caption (PixArt-alpha: 0.1)")
     use_swiglu: bool = field(default=False, metadata={"help": "SwiGLU feed-forward instead of the GELU MLP "
                                                               "(LightningDiT); given to every preset, so "
                                                               "LightningDiT-* presets need true here"})
@@ -326,6 +472,52 @@ class ModelCfg:
     unet_block_out_channels: list = listed([64, 128], "model.arch=unet: widths per resolution level (levels after the "
                                                       "first add self-attention)")
     unet_layers_per_block: int = bounded(2, min=1, help="model.arch=unet: ResNet blocks per resolution level")
+
+
+@dataclass
+class LplCfg:
+    enabled: bool = field(default=False, metadata={"help": "latent perceptual loss (Berrada et al. 2025, arXiv:"
+                                                           "2411.04873): distance between the frozen decoder's "
+                                                           "features of the true clean latent and of the model's "
+                                                           "estimate of it (docs/generators.md)"})
+    weight: float = bounded(1.0, min=0.0, help="w_LPL in L = L_diffusion + w_LPL L_LPL (the authors' reference code: "
+                                               "1.0)")
+    blocks: list = listed([], "decoder feature blocks: 0 = mid block, b = up block b-1 (SD-VAE: 0 .. 4); [] = all of "
+                              "them (the reference's mid block + 4 up blocks on SD-VAE)")
+    block_weights: list = listed([], "one weight per entry of blocks; [] = the inverse of each block's upscaling over "
+                                     "the mid block (the reference's 2^-min(l, 3) on SD-VAE)")
+    snr_min: float = bounded(3.0, min=0.0, help="apply the loss only to samples with SNR(t) = (alpha / sigma)^2 >= "
+                                                "snr_min (the reference's timesteps < 200 of SD's 1000-step "
+                                                "schedule: SNR >= 3.09)")
+    start_step: int = bounded(0, min=0, help="optimizer step from which the loss is on (the reference's lpl_start; "
+                                             "0 = from the start)")
+    outlier_mask: bool = field(default=True, metadata={"help": "mask the target features' outliers (2 %/98 % "
+                                                               "quantiles +- 2 std, morphological clean-up) on maps at "
+                                                               "1/2 of the output resolution or finer"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block in the backward "
+                                                                      "pass (less memory, more compute, same "
+                                                                      "gradients)"})
+
+
+@dataclass
+class PixelLossCfg:
+    enabled: bool = field(default=False, metadata={"help": "pixel-space objective (Zhang et al. 2024, arXiv:"
+                                                           "2409.17565, supervised variant): decode the model's clean-"
+                                                           "latent estimate with the frozen decoder and compare it "
+                                                           "with the target image; usually with train.init_from "
+                                                           "(post-training)"})
+    weight: float = bounded(1.0, min=0.0, help="lambda in L = L_latent + lambda L_pixel")
+    distance: str = choice("l2", ("l2", "l1"), "per-pixel distance: l2 = squared error (the paper's), l1 = absolute "
+                                               "error; mean over channels and pixels")
+    target: str = choice("image", ("image", "decoded"), "image: the training image x (needs images, data.latents "
+                                                        "unset); decoded: the tokenizer's reconstruction D(z_0) of the "
+                                                        "true latent (works with a latent cache)")
+    t_min: float = bounded(0.0, min=0.0, max=1.0, help="the loss applies to samples with t_min <= t <= t_max (t=0 "
+                                                       "data, t=1 noise)")
+    t_max: float = bounded(1.0, min=0.0, max=1.0, help="upper end of the time range (see t_min)")
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block in the backward "
+                                                                      "pass (less memory, more compute, same "
+                                                                      "gradients)"})
 
 
 @dataclass
@@ -368,6 +560,29 @@ class DiffusionCfg:
     repa_depth: int = bounded(8, min=1, help="1-based index of the DiT block whose output is aligned (REPA: 8)")
     repa_weight: float = bounded(0.5, min=0.0, help="lambda in L = L_diffusion + lambda L_REPA (REPA: 0.5)")
     repa_proj_dim: int = bounded(2048, min=1, help="hidden width of REPA's 3-layer MLP projector (REPA: 2048)")
+    lpl: LplCfg = field(default_factory=LplCfg, metadata={"help": "latent perceptual loss through the frozen decoder"})
+    pixel_loss: PixelLossCfg = field(default_factory=PixelLossCfg, metadata={"help": "pixel-space loss through the "
+                                                                                     "frozen decoder"})
+
+
+@dataclass
+class E2eCfg:
+    """stage=end_to_end (REPA-E, Leng et al. 2025, arXiv:2504.10483; ldm/train/end_to_end_task.py): the tokenizer,
+    its discriminator and the generator trained together. The generator's lr is optim.lr and its alignment weight
+    diffusion.repa_weight; all three optimizers use optim.betas / eps / weight_decay and optim.grad_clip."""
+
+    tokenizer_lr: Optional[float] = field(default=None, metadata={"help": "end_to_end: learning rate of the "
+                                                                          "tokenizer's optimizer (REPA-E "
+                                                                          "--vae-learning-rate 1e-4); null = optim.lr"})
+    disc_lr: Optional[float] = field(default=None, metadata={"help": "end_to_end: learning rate of the discriminator's "
+                                                                     "optimizer (REPA-E --disc-learning-rate 1e-4); "
+                                                                     "null = optim.lr"})
+    tokenizer_align_weight: float = bounded(1.5, min=0.0, help="end_to_end: weight of the REPA alignment loss, "
+                                                               "computed through the frozen generator, in the "
+                                                               "tokenizer's loss (REPA-E --vae-align-proj-coeff 1.5)")
+    bn_momentum: float = bounded(0.1, min=0.0, max=1.0, help="end_to_end: momentum of the generator's latent "
+                                                             "batch-norm running statistics (REPA-E --bn-momentum "
+                                                             "0.1; eps is REPA-E's 1e-4)")
 
 
 @dataclass
@@ -401,13 +616,19 @@ class SampleCfg:
                                                    "(seed, i); training grids use seed, periodic FID seed + 1"})
     use_ema: bool = field(default=True, metadata={"help": "`ldm sample`: false = the raw weights (--no-ema); a run's "
                                                           "stored value is not read (sampling defaults to EMA)"})
+    precision: str = choice("auto", ("auto", "fp32", "bf16"),
+                            "autocast precision of the generator network and the tokenizer's decoder when sampling "
+                            "(`ldm sample`, training grids, periodic FID): auto = bf16 on CUDA and on CPUs with native "
+                            "bf16 matmul, fp32 elsewhere (as train.mixed_precision=auto; the log says which and why); "
+                            "the sampler's state and FID's feature extractor stay fp32")
 
 
 # SampleCfg fields left out of a sample folder's identity (ldm.eval.generate.sample_identity records every other
 # field), so one folder never mixes images of two settings. num and batch_size change how many images are made and how
-# fast, not which; seed and use_ema do decide the images, but the identity records the values actually used (a seed
-# given on the command line, whether the checkpoint had EMA weights) under its own keys, not the config's.
-SAMPLE_NON_IDENTITY_FIELDS: tuple[str, ...] = ("num", "batch_size", "seed", "use_ema")
+# fast, not which; seed, use_ema and precision do decide the images, but the identity records the values actually used
+# (a seed given on the command line, whether the checkpoint had EMA weights, what precision=auto resolved to on this
+# device) under its own keys, not the config's.
+SAMPLE_NON_IDENTITY_FIELDS: tuple[str, ...] = ("num", "batch_size", "seed", "use_ema", "precision")
 
 
 @dataclass
@@ -428,16 +649,21 @@ class EvalCfg:
 @dataclass
 class RunConfig:
     name: str = field(default="run", metadata={"help": "run name: the run directory is <train.run_root>/<name>/"})
-    stage: str = choice("generator", ("tokenizer", "generator"), "which model this run trains")
+    stage: str = choice("generator", ("tokenizer", "generator", "end_to_end"),
+                        "which model this run trains: tokenizer, generator, or end_to_end (tokenizer + "
+                        "discriminator + generator together, REPA-E; section e2e)")
     seed: int = field(default=0, metadata={"help": "training seed: initial weights, data order, crops / flips and "
                                                    "every step's noise derive from it (with rank and step)"})
     data: DataCfg = field(default_factory=DataCfg, metadata={"help": "training images (or latent cache)"})
     tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg, metadata={"help": "the tokenizer: trained (stage="
                                                                                     "tokenizer) or frozen"})
     model: ModelCfg = field(default_factory=ModelCfg, metadata={"help": "the generator network"})
+    text: TextCfg = field(default_factory=TextCfg, metadata={"help": "text conditioning of the generator: captions, "
+                                                                     "the frozen text encoder, the embedding cache"})
     diffusion: DiffusionCfg = field(default_factory=DiffusionCfg, metadata={"help": "the generator's training "
                                                                                     "objective"})
     optim: OptimCfg = field(default_factory=OptimCfg, metadata={"help": "optimizers and lr schedule"})
+    e2e: E2eCfg = field(default_factory=E2eCfg, metadata={"help": "stage=end_to_end: REPA-E's joint tuning"})
     train: TrainCfg = field(default_factory=TrainCfg, metadata={"help": "the training loop"})
     eval: EvalCfg = field(default_factory=EvalCfg, metadata={"help": "periodic evaluation during training"})
     sample: SampleCfg = field(default_factory=SampleCfg, metadata={"help": "sampling: training grids, periodic FID, "
@@ -462,7 +688,9 @@ class PipelineCfg:
     stages: list = listed(list(PIPELINE_STAGES), "stages to run, in this order")
     tokenizer: RunConfig = field(default_factory=lambda: RunConfig(stage="tokenizer"),
                                  metadata={"help": "the tokenizer stage's run config (the pipeline sets its name, "
-                                                   "stage and train.run_root)"})
+                                                   "train.run_root and stage=tokenizer, unless it says stage="
+                                                   "end_to_end: REPA-E's joint run, whose tuned tokenizer the later "
+                                                   "stages use)"})
     generator: RunConfig = field(default_factory=RunConfig,
                                  metadata={"help": "the generator stage's run config (the pipeline sets its name, "
                                                    "stage, train.run_root, tokenizer.checkpoint and data.latents)"})

@@ -122,6 +122,13 @@ def _check_tokenizer(tok: TokenizerCfg, *, stage: str, image_size: int) -> None:
     if tok.eq.scale_num_min > tok.eq.scale_num_max or tok.eq.scale_num_max >= tok.eq.scale_den:
         raise ConfigError(f"tokenizer.eq scales k/{tok.eq.scale_den} for k in [{tok.eq.scale_num_min}, "
                           f"{tok.eq.scale_num_max}] must satisfy scale_num_min <= scale_num_max < scale_den")
+    levels = tok.fsq.levels
+    if not levels or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in levels):
+        raise ConfigError(f"tokenizer.fsq.levels={list(levels)!r}; expected a non-empty list of integers >= 2 (e.g. "
+                          f"the FSQ paper's [8, 5, 5, 5] = 1000 codes)")
+    if tok.sigma_vae.enabled and tok.kind != "kl":
+        raise ConfigError(f"tokenizer.sigma_vae.enabled=true applies to tokenizer.kind=kl only, not "
+                          f"tokenizer.kind={tok.kind!r}; set tokenizer.sigma_vae.enabled=false")
     if stage == "tokenizer" and tok.disc_weight > 0:  # PatchGAN: n stride-2 convs, then two 4x4 stride-1 convs
         disc_min = 3 * 2 ** tok.disc_layers
         smallest = image_size * tok.eq.scale_num_min // tok.eq.scale_den if tok.eq.enabled else image_size
