@@ -23,4 +23,4 @@ EXTRACTOR_NAMES = ("inception", "dinov2", "digits")
 ENCODER_NAMES = (tuple(f"dinov2_vit{s}14{reg}" for s in ("s", "b", "l", "g") for reg in ("", "_reg4"))
                  + ("mae_vitb16", "mae_vitl16", "mae_vith14", "digits"))
 
-TOKENIZER_KINDS = ("kl", "vq")
+TOKENIZER_KINDS = ("kl", "vq", "fsq", "litevae", "dc")

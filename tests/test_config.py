@@ -123,7 +123,7 @@ def test_config_module_does_not_import_torch():
     ("eval.extractor=incepton", EXTRACTOR_NAMES, "inception"),
     ("tokenizer.va.encoder=dinov2_vitl41", ENCODER_NAMES, "dinov2_vitl14"),
     ("diffusion.repa_encoder=dinov_vitb14", ENCODER_NAMES, "dinov2_vitb14"),
-    ("tokenizer.kind=kll", ("kl", "vq"), "kl"),
+    ("tokenizer.kind=kll", TOKENIZER_KINDS, "kl"),
 ])
 def test_registered_name_typo_fails_at_load(override, allowed, suggestion):
     key, value = override.split("=")

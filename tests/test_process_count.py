@@ -1,12 +1,12 @@
 """Training does not depend on the process count: one process with batch B and two (gloo, `torch.distributed.run`)
 with B/2 each train the same weights over 20 steps, up to the order of float reductions, for the generator stage
 (flow matching with velocity prediction; DDPM with eps prediction; CFG label dropout on) and the tokenizer stage (KL
-with EQ-VAE, the GAN off). Per-sample draws come from the sampler's sample seeds (ldm.data.sampler), the EQ-VAE
-transform from (seed, step). With the GAN on the stages differ by design (docs/multi-gpu.md): the discriminator's
-BatchNorm statistics and the adaptive weight are per process.
+with EQ-VAE, DC-AE and FSQ; the GAN off). Per-sample draws come from the sampler's sample seeds (ldm.data.sampler),
+the EQ-VAE transform from (seed, step). With the GAN on the stages differ by design (docs/multi-gpu.md): the
+discriminator's BatchNorm statistics and the adaptive weight are per process.
 
 Run as a script (`python tests/test_process_count.py RUN_ROOT VAE_DIR`, under torch.distributed.run or not), this
-file is the worker: it trains the three runs one after the other in one interpreter.
+file is the worker: it trains the runs of RUNS one after the other in one interpreter.
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ RUNS = {
                   "tokenizer.mid_block_attention=false", "tokenizer.perceptual_weight=0", "tokenizer.disc_layers=1",
                   "tokenizer.disc_weight=0", "tokenizer.disc_start=1000", "tokenizer.eq.enabled=true",
                   "tokenizer.eq.scale_num_min=16"],
+    # DC-AE of ResBlocks with RMSNorm in the decoder (BatchNorm statistics would be per process, as the
+    # discriminator's). EfficientViTBlocks are left out: the ReLU feature maps of their linear attention switch a
+    # unit's gradient on or off when float-level weight differences move its pre-activation across 0, so the two
+    # runs part by ~5e-5 after 20 steps (with the ReLU swapped for softplus they stay within 1.2e-7)
+    "dc": ["stage=tokenizer", "data.class_cond=false", "tokenizer.kind=dc", "tokenizer.latent_channels=8",
+           "tokenizer.block_out_channels=[16,32]", "tokenizer.norm_num_groups=16",
+           "tokenizer.dc.encoder_block_types=[ResBlock]", "tokenizer.dc.decoder_block_types=[ResBlock]",
+           "tokenizer.dc.decoder_norm_types=[rms_norm]", "tokenizer.perceptual_weight=0", "tokenizer.disc_layers=1",
+           "tokenizer.disc_weight=0", "tokenizer.disc_start=1000"],
+    "fsq": ["stage=tokenizer", "data.class_cond=false", "tokenizer.kind=fsq", "tokenizer.fsq.levels=[5,4,3]",
+            "tokenizer.block_out_channels=[16,16]", "tokenizer.norm_num_groups=8", "tokenizer.layers_per_block=1",
+            "tokenizer.mid_block_attention=false", "tokenizer.perceptual_weight=0", "tokenizer.disc_layers=1",
+            "tokenizer.disc_weight=0", "tokenizer.disc_start=1000"],
 }
 # the discriminator's BatchNorm running statistics: each process normalises its own images (DDP broadcasts rank 0's)
 PER_PROCESS = ("running_mean", "running_var")

@@ -180,6 +180,41 @@ def test_missing_or_wrong_tokenizer_paths(tmp_path):
         load_latent_stats(tmp_path / "bad.json")
 
 
+def test_kl_folder_with_a_tensor_missing_or_no_weights_is_one_line(tmp_path, capsys):
+    """diffusers alone would initialise a tensor missing from the file at random with only a warning."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ldm.cli import main
+
+    build_autoencoder_kl(block_out_channels=[32, 32], layers_per_block=1).save_pretrained(tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "partial")
+    weights = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state.pop("decoder.conv_in.bias")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(weights))}: weights do not match "
+                                         rf".*config.json: missing keys \['decoder.conv_in.bias'\], "
+                                         rf"unexpected keys \[\]$") as err:
+        load_tokenizer(tmp_path / "partial")
+    assert "\n" not in str(err.value)
+    state["decoder.conv_in.bias"], state["decoder.extra"] = torch.zeros(32), torch.zeros(1)  # an extra tensor
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['decoder.extra'\]$"):
+        load_tokenizer(tmp_path / "partial")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(weights))} does not exist: the AutoencoderKL "
+                                                r"folder has config.json but no weights") as err:
+        load_tokenizer(tmp_path / "partial")
+    assert "\n" not in str(err.value)
+    # the CLI: exit 2, one line
+    assert main(["tokenizer-stats", str(tmp_path / "partial"), "--data", "digits", "--image-size", "16"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert load_tokenizer(tmp_path / "full").kind == "kl"  # the intact folder still loads
+
+
 def test_tokenizer_rejects_bad_shapes(tmp_path):
     vae = build_autoencoder_kl(block_out_channels=[32, 32], layers_per_block=1)
     vae.save_pretrained(tmp_path / "v")

@@ -23,8 +23,8 @@ Pure functions of tensors, then one driver, `diagnose_tokenizer`, that runs them
 * KL tokenizers: posterior variance and KL(q(z|x) || N(0, I)) per channel, 0.5 (mu^2 + sigma^2 - 1 - log sigma^2)
   per element (Kingma & Welling 2014, arXiv:1312.6114, App. B; LDM DiagonalGaussianDistribution.kl), and the
   posterior noise-to-signal ratio mean(sigma) / std(mu) per channel.
-  VQ tokenizers: codebook usage (fraction of codes used at least once) and perplexity exp(-sum p_k log p_k)
-  (taming-transformers VectorQuantizer; van den Oord et al. 2017).
+  Quantised tokenizers (VQ, FSQ): codebook usage (fraction of codes used at least once) and perplexity
+  exp(-sum p_k log p_k) (taming-transformers VectorQuantizer; van den Oord et al. 2017).
 * alignment with a frozen encoder's patch features at the latent grid: linear CKA (Kornblith et al. 2019,
   arXiv:1905.00414, §3: CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with the biased HSIC of Gretton et al. 2005;
   its linear-kernel form in their Table 1) and CKNNA (Huh et al. 2024, "The Platonic Representation Hypothesis",

@@ -38,6 +38,9 @@ from ldm.io import atomic_write_text, save_tensors
 FAMILIES = ("gaussian", "quantised", "deterministic")
 LDM_CONFIG_FILE = "tokenizer_config.json"   # ldm's own export folder: {"kind": ..., "config": ...}
 LDM_WEIGHTS_FILE = "tokenizer.safetensors"
+# the weights files diffusers' from_pretrained looks for, preferred first (no variants: ldm never passes one)
+DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                          "diffusion_pytorch_model.bin")
 
 
 class Posterior(NamedTuple):
@@ -95,6 +98,11 @@ class TokenizerKind(ABC):
 
     def latent_channels(self, model: nn.Module) -> int:
         return model.latent_channels
+
+    def configured_latent_channels(self, cfg) -> tuple[str, Any, int]:
+        """(the TokenizerCfg key that sets the latent channels the generator sees, its value, those channels), read
+        from the config alone (the latent cache's consistency check names this key)."""
+        return "tokenizer.latent_channels", cfg.latent_channels, cfg.latent_channels
 
     def training_buffers(self) -> tuple[str, ...]:
         """state_dict entries used only while training (left out of exports and fingerprints)."""
@@ -163,3 +171,26 @@ def load_strict(model: nn.Module, state: dict, what: str, allow_missing: Sequenc
     if missing or result.unexpected_keys:
         raise ValueError(f"{what}: weights do not match the tokenizer architecture; missing keys {missing[:8]}, "
                          f"unexpected keys {result.unexpected_keys[:8]}")
+
+
+def load_diffusers_strict(cls: type, folder: Path, *, example_repo: str) -> nn.Module:
+    """cls.from_pretrained(folder) (a diffusers model class; config.json already checked) from local files only,
+    refusing with one line naming the weights file what diffusers would let through or report as a traceback: no
+    weights file, an unreadable file or tensors of other shapes than config.json says (errors), and tensors missing
+    from the file (diffusers initialises them at random with only a warning) or extra tensors (ignored, a warning).
+    `example_repo` names a hub folder for the download hint."""
+    config = folder / "config.json"
+    weights = next((folder / name for name in DIFFUSERS_WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder / DIFFUSERS_WEIGHT_FILES[0]} does not exist: the {cls.__name__} folder has "
+                                f"config.json but no weights (download the whole folder, e.g. `huggingface-cli "
+                                f"download {example_repo} --local-dir {folder}`)")
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as err:  # unreadable file, tensors of other shapes than config.json says
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{weights}: cannot be loaded as the {cls.__name__} of {config} ({first})") from None
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ValueError(f"{weights}: weights do not match {config}: missing keys {sorted(info['missing_keys'])[:8]}, "
+                         f"unexpected keys {sorted(info['unexpected_keys'])[:8]}")
+    return model

@@ -9,10 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from ldm.tokenizers.base import TokenizerKind
+from ldm.tokenizers.dcae import DCKind
+from ldm.tokenizers.fsq import FSQKind
 from ldm.tokenizers.kl import KLKind
+from ldm.tokenizers.litevae import LiteVAEKind
 from ldm.tokenizers.vq import VQKind
 
-KINDS: dict[str, TokenizerKind] = {k.name: k for k in (KLKind(), VQKind())}
+KINDS: dict[str, TokenizerKind] = {k.name: k for k in (KLKind(), VQKind(), FSQKind(), LiteVAEKind(), DCKind())}
 
 
 def get_kind(name: str) -> TokenizerKind:

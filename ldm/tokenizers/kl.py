@@ -22,7 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from ldm.tokenizers.base import Encoded, Posterior, TokenizerKind
+from ldm.tokenizers.base import Encoded, Posterior, TokenizerKind, load_diffusers_strict
+from ldm.tokenizers.sigma_vae import sigma_vae_encoded
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def build_autoencoder_kl(*, latent_channels: int = 4, block_out_channels: list[i
 
 
 def load_autoencoder_kl(folder: str | Path) -> AutoencoderKL:
-    """AutoencoderKL.from_pretrained(folder) from local files only; clear errors for a missing or wrong folder."""
+    """AutoencoderKL.from_pretrained(folder) from local files only. A missing folder, a folder of another class, one
+    without weights or with weights that do not fill the network raises one line naming the file (diffusers itself
+    would initialise missing tensors at random with a warning)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         hint = " (a 'vae' sub-folder exists: point at it)" if (folder / "vae" / "config.json").is_file() else ""
@@ -62,7 +65,7 @@ def load_autoencoder_kl(folder: str | Path) -> AutoencoderKL:
     cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if cls_name not in (None, "AutoencoderKL"):
         raise ValueError(f"{str(folder)!r} holds a {cls_name}, not an AutoencoderKL")
-    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    return load_diffusers_strict(AutoencoderKL, folder, example_repo="stabilityai/sd-vae-ft-ema")
 
 
 def autoencoder_downsample(vae: AutoencoderKL) -> int:
@@ -74,8 +77,23 @@ def encode_posterior(vae: AutoencoderKL, x: torch.Tensor) -> Posterior:
     moments = vae.encoder(x)  # (B, 2C, h, w)
     if vae.quant_conv is not None:
         moments = vae.quant_conv(moments)
+    return moments_posterior(moments)
+
+
+def moments_posterior(moments: torch.Tensor) -> Posterior:
+    """LDM's DiagonalGaussianDistribution of encoder moments (B, 2C, h, w): (mean, logvar clamped to [-30, 20])."""
     mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
     return Posterior(mean, logvar.clamp(-30.0, 20.0))
+
+
+def gaussian_encoded(post: Posterior, *, kl_weight: float, draws) -> Encoded:
+    """The training encoding of a gaussian kind: z ~ q(z|x) (per-sample `draws`) and its own term
+    kl_weight * KL(q(z|x) || N(0, I)), summed over latent elements and averaged over the batch."""
+    from ldm.tokenizers.losses import kl_diagonal_gaussian
+
+    z = post.sample(draws)  # (B, C, h, w)
+    kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
+    return Encoded(z, kl_weight * kl, {"loss_kl": kl})
 
 
 def decode_latent(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
@@ -118,12 +136,10 @@ class KLKind(TokenizerKind):
         return model.config.latent_channels
 
     def encode_train(self, model, x, *, cfg, draws) -> Encoded:
-        from ldm.tokenizers.losses import kl_diagonal_gaussian
-
         post = encode_posterior(model, x)
-        z = post.sample(draws)  # (B, C, h, w)
-        kl = kl_diagonal_gaussian(post.mean.float(), post.logvar.float()).mean()  # fp32 sums under autocast
-        return Encoded(z, cfg.kl_weight * kl, {"loss_kl": kl})
+        if cfg.sigma_vae.enabled:  # LatentLM's sigma-VAE: the mean plus fixed-distribution noise (sigma_vae.py)
+            return sigma_vae_encoded(post.mean, kl_weight=cfg.kl_weight, c_sigma=cfg.sigma_vae.c_sigma, draws=draws)
+        return gaussian_encoded(post, kl_weight=cfg.kl_weight, draws=draws)
 
     def encode(self, model, x, *, sample=False, generator=None) -> torch.Tensor:
         post = encode_posterior(model, x)

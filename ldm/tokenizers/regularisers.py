@@ -41,6 +41,7 @@ from torch import nn
 
 from ldm.config import TokenizerCfg
 from ldm.tokenizers.eq import build_eq
+from ldm.tokenizers.kinds import KINDS, kind_of
 from ldm.tokenizers.va import build_va
 
 
@@ -73,10 +74,17 @@ REGULARISERS: dict[str, Callable[..., Regulariser]] = {
 
 
 def build_regularisers(cfg: TokenizerCfg, *, autoencoder: nn.Module) -> list[Regulariser]:
-    """The enabled regularisers of a tokenizer config, in `REGULARISERS` order."""
+    """The enabled regularisers of a tokenizer config, in `REGULARISERS` order; a ValueError naming the key when the
+    autoencoder's kind does not support one (`TokenizerKind.regularisers`)."""
+    kind = kind_of(autoencoder)
     built = []
     for name, build in REGULARISERS.items():
         section = getattr(cfg, name)
+        if section.enabled and name not in kind.regularisers:
+            applies = sorted(k.name for k in KINDS.values() if name in k.regularisers)
+            raise ValueError(f"tokenizer.{name}.enabled=true: the {name} regulariser does not apply to {kind.name} "
+                             f"tokenizers (it applies to tokenizer.kind in {applies}); set tokenizer.{name}.enabled="
+                             f"false")
         if section.enabled:
             built.append(build(section, autoencoder=autoencoder))
     return built

@@ -207,6 +207,26 @@ class VectorQuantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------- model
+def diffusers_encoder(*, in_channels: int, z_channels: int, block_out_channels: list[int], layers_per_block: int,
+                      norm_num_groups: int, mid_block_attention: bool, attn_levels: list[int]) -> Encoder:
+    """diffusers' VAE Encoder with a single (not doubled) z_channels output, attention at `attn_levels` (LDM's
+    attn_resolutions); shared by the discrete kinds (vq, fsq)."""
+    down, _ = block_types(len(block_out_channels), attn_levels)
+    return Encoder(in_channels=in_channels, out_channels=z_channels, down_block_types=down,
+                   block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                   norm_num_groups=norm_num_groups, double_z=False, mid_block_add_attention=mid_block_attention)
+
+
+def diffusers_decoder(*, z_channels: int, out_channels: int, block_out_channels: list[int], layers_per_block: int,
+                      norm_num_groups: int, mid_block_attention: bool, attn_levels: list[int]) -> Decoder:
+    """diffusers' VAE Decoder mirroring `diffusers_encoder` (built separately so that each model keeps its order
+    of random initialisation: encoder, its own layers, decoder)."""
+    _, up = block_types(len(block_out_channels), attn_levels)
+    return Decoder(in_channels=z_channels, out_channels=out_channels, up_block_types=up,
+                   block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                   norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_attention)
+
+
 class VQAutoencoder(nn.Module):
     """diffusers Encoder -> 1x1 conv to code_dim -> VectorQuantizer -> 1x1 conv -> diffusers Decoder."""
 
@@ -222,19 +242,16 @@ class VQAutoencoder(nn.Module):
                            code_dim=code_dim, beta=beta, l2_norm=l2_norm, use_ema=use_ema, ema_decay=ema_decay,
                            dead_code_threshold=dead_code_threshold, entropy_weight=entropy_weight,
                            entropy_temperature=entropy_temperature, in_channels=in_channels)
-        down, up = block_types(len(block_out_channels), attn_levels)
-        self.encoder = Encoder(in_channels=in_channels, out_channels=z_channels, down_block_types=down,
-                               block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                               norm_num_groups=norm_num_groups, double_z=False,
-                               mid_block_add_attention=mid_block_attention)
+        conv = {"block_out_channels": block_out_channels, "layers_per_block": layers_per_block,
+                "norm_num_groups": norm_num_groups, "mid_block_attention": mid_block_attention,
+                "attn_levels": attn_levels}
+        self.encoder = diffusers_encoder(in_channels=in_channels, z_channels=z_channels, **conv)
         self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
         self.quantizer = VectorQuantizer(codebook_size=codebook_size, code_dim=code_dim, beta=beta, l2_norm=l2_norm,
                                          use_ema=use_ema, ema_decay=ema_decay, dead_code_threshold=dead_code_threshold,
                                          entropy_weight=entropy_weight, entropy_temperature=entropy_temperature)
         self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
-        self.decoder = Decoder(in_channels=z_channels, out_channels=in_channels, up_block_types=up,
-                               block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                               norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_attention)
+        self.decoder = diffusers_decoder(z_channels=z_channels, out_channels=in_channels, **conv)
         self.downsample = 2 ** (len(block_out_channels) - 1)
         self.latent_channels = code_dim
 
@@ -279,6 +296,9 @@ class VQKind(TokenizerKind):
 
     def training_buffers(self) -> tuple[str, ...]:
         return VQ_TRAINING_BUFFERS
+
+    def configured_latent_channels(self, cfg) -> tuple[str, int, int]:
+        return "tokenizer.vq.code_dim", cfg.vq.code_dim, cfg.vq.code_dim
 
     def encode_train(self, model, x, *, cfg, draws) -> Encoded:
         q = model.encode(x)
