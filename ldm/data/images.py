@@ -120,6 +120,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.source.num_classes if self.class_cond else 0
 
     @property
+    def shard_ranges(self) -> list[tuple[int, int]] | None:
+        """Item ranges of the source's shards (`ldm.data.shards`), for `ShardBatchSampler`; None for other sources."""
+        ranges = getattr(self.source, "shard_ranges", None)
+        c = self.crops_per_image
+        return None if ranges is None else [(a * c, b * c) for a, b in ranges]
+
+    @property
     def bad(self) -> set[int]:
         """Indices (into the source) of the bad files found so far."""
         return set(torch.nonzero(self.bad_mask).flatten().tolist())
@@ -163,6 +170,14 @@ class ImageDataset(torch.utils.data.Dataset):
             arr = arr[:, ::-1]
         label = int(self.source.labels[image_index]) if self.class_cond else 0
         return {"image": to_tensor(arr), "label": torch.tensor(label, dtype=torch.long), **extra}
+
+    def __getitems__(self, keys: list) -> list[dict[str, torch.Tensor]]:
+        """A batch for the DataLoader: the items of `keys`, in that order, read in index order (for shards: forward
+        through each file). Every item is a function of its key alone, so the read order changes nothing else."""
+        items = {}
+        for t in sorted(range(len(keys)), key=lambda t: split_key(keys[t])[0]):
+            items[t] = self[keys[t]]
+        return [items[t] for t in range(len(keys))]
 
 
 def build_dataset(data_cfg) -> ImageDataset:

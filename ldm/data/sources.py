@@ -4,9 +4,15 @@ optional integer labels, and the robust decoder that turns a file into (H, W, 3)
 A *source* is one of:
   - a folder, searched recursively for .jpg/.jpeg/.png/.webp/.bmp; when the images sit in sub-folders of the root,
     each sub-folder is a class and labels are the sorted sub-folder names' indices (ImageNet layout);
-  - a .zip or .tar(.gz) archive, read exactly as its extracted folder would be (same files, labels and classes);
+  - a .zip or .tar archive, read exactly as its extracted folder would be (same files, labels and classes); a
+    compressed tar (.tar.gz, .tgz, ...) only in its own order (`ldm make-shards` converts it): reading image i of one
+    re-decompresses the archive up to it, so random access is refused with that advice;
   - an ADM-style .npz (`arr_0` uint8 NHWC, optional `arr_1` labels);
-  - the embedded digits (`ldm.data.embedded`).
+  - the embedded digits (`ldm.data.embedded`);
+  - WebDataset tar shards named by a brace pattern, `shards/train-{000000..000127}.tar` (`ldm.data.shards`).
+
+A folder's file list comes from its manifest (`ldm.data.manifest`): one scan, cached beside the folder, read by every
+process after.
 
 Folder and archive paths follow two rules before classes are taken (`class_paths`): hidden files and folders (any
 component starting with "."; .DS_Store, macOS's ._* AppleDouble forks, .ipynb_checkpoints) and __MACOSX/ are not
@@ -35,12 +41,23 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ldm.data.manifest import folder_manifest
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently half-grey
 
 
 class BadImageError(ValueError):
     """An image file that cannot be decoded into a usable RGB image; the message names the file."""
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def is_compressed(path: str | Path) -> bool:
+    """Whether a file starts with the magic bytes of gzip, bzip2, xz or zstd."""
+    with open(path, "rb") as f:
+        return f.read(6).startswith(_COMPRESSED_MAGIC)
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -151,6 +168,13 @@ class ImageSource(abc.ABC):
     def num_classes(self) -> int:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
+    def raw(self, i: int) -> tuple[bytes, str]:
+        """(encoded bytes, extension) of image i for `ldm make-shards`: a lossless PNG of `read(i)`; sources of files
+        return the file's own bytes."""
+        buf = io.BytesIO()
+        Image.fromarray(self.read(i)).save(buf, format="PNG")
+        return buf.getvalue(), "png"
+
     def fingerprint(self) -> str:
         """Cheap identity of the data: names, sizes and modification times (used for cache keys)."""
         h = hashlib.sha256()
@@ -162,46 +186,71 @@ class ImageSource(abc.ABC):
         yield from self.names
 
 
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
 class FolderSource(ImageSource):
+    """Image files under a folder, listed by its manifest (`ldm.data.manifest`)."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and not is_junk(p.relative_to(self.root).parts))
-        if not files:
+        self.manifest = folder_manifest(self.root, _is_image_name, is_junk)
+        if not self.manifest.names:
             raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r} "
                                     f"(hidden files and __MACOSX/ are ignored)")
-        self.paths = files
-        self.names = [str(p.relative_to(self.root)) for p in files]
+        self.names = self.manifest.names
         self.labels, self.classes = _labels_from_paths(self.names)
 
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / name for name in self.names]
+
     def read(self, i: int, min_size: int = 1) -> np.ndarray:
-        return decode_image(self.paths[i], str(self.paths[i]), min_size)
+        path = os.path.join(self.root, self.names[i])
+        return decode_image(path, path, min_size)
+
+    def raw(self, i: int) -> tuple[bytes, str]:
+        with open(os.path.join(self.root, self.names[i]), "rb") as f:
+            return f.read(), os.path.splitext(self.names[i])[1][1:].lower()
 
     def _fingerprint_items(self) -> Iterator:
-        for p in self.paths:
-            st = p.stat()
-            yield (str(p.relative_to(self.root)), st.st_size, st.st_mtime_ns)
+        for name in self.names:
+            st = os.stat(os.path.join(self.root, name))
+            yield (name, st.st_size, st.st_mtime_ns)
+
+
+def compressed_tar_refusal(path: str | Path) -> str:
+    """Why a compressed tar cannot be read at random, and what to do instead (names `ldm make-shards`)."""
+    return (f"{str(path)!r} is a compressed tar: reading one image decompresses the archive from its start up to it, "
+            f"so reading images in any order but the archive's costs a pass over the archive per image. Convert it "
+            f"once into uncompressed shards with `ldm make-shards {path} --out DIR --shard-size 1000` and use the "
+            f"data.source pattern it prints (or extract it into a folder)")
 
 
 class ArchiveSource(ImageSource):
     """Images inside a .zip or .tar archive; each worker process opens its own handle. `names` are the member names
-    (a wrapper folder included); labels follow the same rules as the extracted folder's."""
+    (a wrapper folder included); labels follow the same rules as the extracted folder's. A compressed tar is read in
+    its own member order only (`storage_order`, `iter_raw`); `read` refuses it (`compressed_tar_refusal`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._local = threading.local()
         self._pid = None
+        self.compressed = False
         if zipfile.is_zipfile(self.path):
             self.kind = "zip"
             with zipfile.ZipFile(self.path) as zf:
                 members = [m.filename for m in zf.infolist() if not m.is_dir()]
         elif tarfile.is_tarfile(self.path):
             self.kind = "tar"
+            self.compressed = is_compressed(self.path)
             with tarfile.open(self.path) as tf:
                 members = [m.name for m in tf.getmembers() if m.isfile()]
         else:
             raise ValueError(f"{str(self.path)!r} is neither a zip nor a tar archive")
         self.names = sorted(m for m in members if m.lower().endswith(IMAGE_EXTENSIONS) and not is_junk(path_parts(m)))
+        self._member_order = {m: k for k, m in enumerate(members)}  # position in the archive, for storage_order
         if not self.names:
             raise FileNotFoundError(f"no images found inside archive {str(self.path)!r} (hidden files and __MACOSX/ "
                                     f"are ignored)")
@@ -223,10 +272,39 @@ class ArchiveSource(ImageSource):
         self._local = threading.local()
 
     def read(self, i: int, min_size: int = 1) -> np.ndarray:
+        return decode_image(self.raw(i)[0], f"{self.path}:{self.names[i]}", min_size)
+
+    def raw(self, i: int) -> tuple[bytes, str]:
+        if self.compressed:
+            raise ValueError(compressed_tar_refusal(self.path))
         name = self.names[i]
         handle = self._handle()
         data = handle.read(name) if self.kind == "zip" else handle.extractfile(name).read()
-        return decode_image(data, f"{self.path}:{name}", min_size)
+        return data, os.path.splitext(name)[1][1:].lower()
+
+    def storage_order(self) -> list[int]:
+        """Image indices in the order their members lie in the archive."""
+        return sorted(range(len(self.names)), key=lambda i: self._member_order[self.names[i]])
+
+    def iter_raw(self, indices: Sequence[int]) -> Iterator[tuple[int, bytes, str]]:
+        """(index, bytes, extension) of `indices`, in that order; for a compressed tar, one pass through the archive
+        (the indices must then follow `storage_order`)."""
+        if not self.compressed:
+            for i in indices:
+                yield i, *self.raw(i)
+            return
+        expected = iter(indices)
+        nxt = next(expected, None)
+        with tarfile.open(self.path, "r|*") as tf:  # stream mode: one sequential decompression
+            for member in tf:
+                if nxt is None:
+                    return
+                if member.name == self.names[nxt]:
+                    yield nxt, tf.extractfile(member).read(), os.path.splitext(member.name)[1][1:].lower()
+                    nxt = next(expected, None)
+        if nxt is not None:
+            raise ValueError(f"{self.path}: {self.names[nxt]} was not found in archive order; read a compressed tar "
+                             f"in storage_order()")
 
     def _fingerprint_items(self) -> Iterator:
         st = self.path.stat()
@@ -275,18 +353,26 @@ def load_npz(path: str | Path) -> ArraySource:
     return ArraySource(images, labels, str(path))
 
 
-def open_source(spec: str, image_size: int = 32) -> ImageSource:
-    """Open a data source: 'digits' (embedded) or a folder / archive / .npz path."""
+def open_source(spec: str, image_size: int = 32, *, random_access: bool = True) -> ImageSource:
+    """Open a data source: 'digits' (embedded), a shard pattern (has braces) or a folder / archive / .npz path.
+    A compressed tar is refused unless `random_access=False` (a reader that keeps to its `storage_order`)."""
     if spec == "digits":
         from ldm.data.embedded import digits_source
 
         return digits_source(image_size)
+    if "{" in spec and "}" in spec:
+        from ldm.data.shards import ShardSource
+
+        return ShardSource(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data source {spec!r} does not exist; give 'digits', an image folder, a .zip/.tar "
-                                f"archive or an ADM .npz file")
+                                f"archive, an ADM .npz file or a shard pattern (shards/train-{{000000..000127}}.tar)")
     if path.is_dir():
         return FolderSource(path)
     if path.suffix == ".npz":
         return load_npz(path)
-    return ArchiveSource(path)
+    source = ArchiveSource(path)
+    if random_access and source.compressed:
+        raise ValueError(compressed_tar_refusal(path))
+    return source
