@@ -1,4 +1,5 @@
-"""`ldm cache-latents`: encode a dataset once with a frozen tokenizer into a latent cache (see ldm.data.latents).
+"""`ldm cache-latents`: encode a dataset once with a frozen tokenizer into a latent cache (see ldm.data.latents);
+`ldm make-shards`: write a dataset as WebDataset tar shards (see ldm.data.shards).
 
 Only argparse and the config are imported at module level, so `ldm --help` stays instant; torch and the tokenizer
 load in the command.
@@ -53,8 +54,9 @@ def register(subparsers) -> None:
                    help="tokenizer: ldm tokenizer run or checkpoint directory, export folder, or a diffusers "
                         "AutoencoderKL folder (config.json + weights)")
     p.add_argument("--data", required=True, metavar="SOURCE",
-                   help="'digits' (embedded), an image folder (class sub-folders = labels), a .zip/.tar archive "
-                        "or an ADM .npz (arr_0 uint8 NHWC, arr_1 labels)")
+                   help="'digits' (embedded), an image folder (class sub-folders = labels), a .zip/.tar archive, "
+                        "an ADM .npz (arr_0 uint8 NHWC, arr_1 labels) or shards by a brace pattern "
+                        "(shards/train-{000000..000127}.tar)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; re-running resumes)")
     p.add_argument("--image-size", type=int, default=defaults.image_size, metavar="S",
                    help="side of the square images in pixels; a multiple of the tokenizer's downsampling factor")
@@ -69,7 +71,12 @@ def register(subparsers) -> None:
                    help="DataLoader worker processes decoding images")
     p.add_argument("--on-error", choices=("skip", "raise"), default=defaults.on_error,
                    help="bad image files: replace by the next good image with a warning (as in training), or stop")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the encoder's autocast precision: auto = bf16 on CUDA and on CPUs with native bf16 matmul, "
+                        "fp32 elsewhere (logged with the reason); recorded in meta.json, and a cache is never "
+                        "finished in another precision than it was begun in")
     add_progress_flag(p)
+    register_make_shards(subparsers)
 
 
 def _disk_size(out: Path) -> int:
@@ -95,7 +102,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     meta = build_latent_cache(tokenizer, args.data, args.out, image_size=args.image_size, crop=args.crop,
                               flips=args.flip, batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype,
-                              num_workers=args.workers, on_error=args.on_error, progress=not args.no_progress)
+                              num_workers=args.workers, on_error=args.on_error, precision=args.precision,
+                              progress=not args.no_progress)
     if state.is_main_process:
         stats = meta.latent_stats
         print(f"\nlatent cache ready in {time.perf_counter() - start:.1f} s ({state.num_processes} process(es))\n"
@@ -104,7 +112,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
               f"  images         : {_images(meta)} from {meta.data_source} at {meta.image_size} px ({meta.crop})"
               f"{', + horizontal flips' if meta.flips else ''}; {meta.num_classes} classes\n"
               f"{_bad_files(meta)}"
-              f"  latents        : {tuple(meta.latent_shape)} {meta.dtype}\n"
+              f"  latents        : {tuple(meta.latent_shape)} {meta.dtype}, encoded in {meta.precision}\n"
               f"  tokenizer      : {meta.tokenizer_source} (fingerprint {meta.tokenizer_fingerprint})\n"
               f"  channel mean   : {_fmt(stats.mean)}\n"
               f"  channel std    : {_fmt(stats.std)}\n"
@@ -140,3 +148,55 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------------ make-shards
+SHARDS_DESCRIPTION = """\
+Write the images of a data source as WebDataset tar shards (uncompressed tar files of key.<ext> + key.cls + key.json
+samples) for training with data.source set to the brace pattern this command prints:
+
+  ldm make-shards /data/imagenet/train --out /data/in1k-shards --shard-size 1000
+  ldm make-shards photos.tar.gz --out shards/photos --shard-size 500
+  torchrun --nproc_per_node 8 -m ldm.cli make-shards /data/imagenet/train --out /data/in1k-shards
+
+Images are copied as they are (file bytes, not decoded or re-encoded; .npz arrays and the digits become lossless
+PNGs), in the source's order (a compressed tar: its own member order, read in one pass), with their class labels
+(key.cls) and original names (key.json). Each shard's index (.index.npz beside it) is written last and marks it
+finished; a re-run of the same command keeps finished shards. Under a distributed launch shard s is written by
+process s mod world; the files are the same for any number of processes. See docs/data.md."""
+
+
+def register_make_shards(subparsers) -> None:
+    p = add_command(subparsers, "make-shards", cmd_make_shards, description=SHARDS_DESCRIPTION,
+                    help="write a dataset as WebDataset tar shards for streaming training")
+    p.add_argument("source", metavar="SOURCE",
+                   help="'digits', an image folder (class sub-folders = labels), a .zip/.tar/.tar.gz archive, an ADM "
+                        ".npz or a shard pattern")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; re-running resumes)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (the last may hold "
+                                                                             "fewer); use at least as many shards as "
+                                                                             "training processes x loader workers")
+    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
+    p.add_argument("--image-size", type=int, default=DataCfg().image_size, metavar="S",
+                   help="digits only: the side the embedded 8x8 digits are upsampled to")
+    add_progress_flag(p)
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    """Bad arguments or sources raise ValueError/FileNotFoundError: one line, exit 2."""
+    from ldm.data.shards import make_shards
+
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size={args.shard_size} must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    record = make_shards(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                         image_size=args.image_size, progress=not args.no_progress)
+    if record["complete"]:  # the main process
+        size = sum(p.stat().st_size for p in Path(args.out).glob(f"{args.prefix}-*.tar"))
+        print(f"\nshards ready in {time.perf_counter() - start:.1f} s\n"
+              f"  directory  : {args.out}  ({size / 2**20:.1f} MiB in {record['num_shards']} shard(s) of up to "
+              f"{record['shard_size']})\n"
+              f"  images     : {record['count']} from {record['source']}; {len(record['classes'])} classes\n"
+              f"  train with : data.source='{record['pattern']}'")
+    return 0

@@ -66,6 +66,7 @@ import torch
 
 from ldm.data.sampler import split_key
 from ldm.io import fsync_path
+from ldm.precision import inference_autocast, resolve_inference_precision
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class CacheMeta:
     bad_files: int | None = None            # unreadable image files skipped
     bad_file_names: list[str] | None = None # the first BAD_NAMES_KEPT of them, in source order
     replaced_items: int | None = None       # items holding the next good image's latent instead of their own
+    precision: str = "fp32"                 # the encoder's autocast precision, "fp32" | "bf16" (older caches: fp32)
 
     @property
     def latent_stats(self) -> LatentStats | None:
@@ -166,7 +168,10 @@ class CacheMeta:
         return None if self.replaced_items is None else self.count - self.replaced_items
 
     def plan(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PLAN_KEYS}
+        """PLAN_KEYS, and the precision when it is not fp32: a bf16 cache never takes an fp32 cache's shards (nor the
+        reverse), while fp32 caches keep the plan id they had before the precision was recorded."""
+        extra = {"precision": self.precision} if self.precision != "fp32" else {}
+        return {**{k: getattr(self, k) for k in PLAN_KEYS}, **extra}
 
     def plan_id(self) -> str:
         return hashlib.sha256(json.dumps(self.plan(), sort_keys=True).encode()).hexdigest()[:16]
@@ -261,6 +266,17 @@ def read_cache_meta(cache_dir: str | Path, *, check_shards: bool = True) -> Cach
 
 
 # ------------------------------------------------------------------------------------------------------ dataset
+def check_fingerprint(cache: str, maker: str, cached: str, cached_source: str, expected: str | None,
+                      fix: str) -> None:
+    """The refusal of a cache made by another frozen network: ValueError when `expected` (the fingerprint of the
+    `maker` in use, e.g. "tokenizer" or "text encoder"; None = unchecked) differs from `cached`, the one recorded by
+    the cache described as `cache`; `fix` says how to make a matching cache. Used by the latent cache and the
+    caption-embedding cache (ldm/data/captions.py)."""
+    if expected is not None and expected != cached:
+        raise ValueError(f"{cache} was encoded by {maker} {cached} ({cached_source}), but the {maker} in use is "
+                         f"{expected}. What another {maker} encoded is meaningless to it: {fix}")
+
+
 class LatentCacheDataset(torch.utils.data.Dataset):
     """Cached latents addressed like `ImageDataset`: items by (index, item_seed) -> {"latent": (C, h, w) float32,
     "label": long} (and "sample_seed" for the sampler's (index, item_seed, sample_seed) keys, as ImageDataset).
@@ -274,13 +290,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                  use_flips: bool = True):
         self.cache_dir = Path(cache_dir)
         self.meta = read_cache_meta(self.cache_dir)
-        cached = self.meta.tokenizer_fingerprint
-        if expected_fingerprint is not None and expected_fingerprint != cached:
-            raise ValueError(f"latent cache {str(self.cache_dir)!r} was encoded by tokenizer {cached} "
-                             f"({self.meta.tokenizer_source}), but the tokenizer in use is {expected_fingerprint}. "
-                             f"Latents of another tokenizer are meaningless to it: re-run `ldm cache-latents "
-                             f"--tokenizer <this tokenizer> --data {self.meta.data_source} --out <new dir>` and "
-                             f"point data.latents at that directory")
+        check_fingerprint(f"latent cache {str(self.cache_dir)!r}", "tokenizer", self.meta.tokenizer_fingerprint,
+                          self.meta.tokenizer_source, expected_fingerprint,
+                          f"re-run `ldm cache-latents --tokenizer <this tokenizer> --data {self.meta.data_source} "
+                          f"--out <new dir>` and point data.latents at that directory")
         self.use_flips = use_flips and self.meta.flips
         self.class_cond = class_cond and self.meta.num_classes > 0
         self._shards: dict[int, dict[str, np.ndarray]] = {}
@@ -422,8 +435,8 @@ def _refuse_other_plan(out_dir: Path, meta: CacheMeta) -> None:
     never leaves one waiting)."""
     if (out_dir / META_FILE).is_file():
         old = read_cache_meta(out_dir, check_shards=False)
-        diff = [f"{k}: cached {old.plan()[k]!r}, now {meta.plan()[k]!r}" for k in PLAN_KEYS
-                if old.plan()[k] != meta.plan()[k]]
+        diff = [f"{k}: cached {getattr(old, k)!r}, now {getattr(meta, k)!r}" for k in (*PLAN_KEYS, "precision")
+                if getattr(old, k) != getattr(meta, k)]
         if diff:
             raise ValueError(f"{str(out_dir)!r} already holds a different latent cache ({'; '.join(diff)}); choose "
                              f"another --out directory or delete this one")
@@ -446,11 +459,13 @@ def _encode_shards(tokenizer, dataset, meta: CacheMeta, out_dir: Path, shards: l
         if writer is None:
             writer = _ShardWriter(out_dir, meta, s)
         x = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
-        z = tokenizer.encode(x)  # (B, C, h, w)
+        with inference_autocast(meta.precision, x.device.type):
+            z = tokenizer.encode(x)  # (B, C, h, w), fp32 (Tokenizer.encode casts its output)
         if tuple(z.shape[1:]) != tuple(meta.latent_shape):
             raise ValueError(f"tokenizer {meta.tokenizer_source} returned latents of shape {tuple(z.shape[1:])}, "
                              f"expected {tuple(meta.latent_shape)} for {meta.image_size} px images")
-        z_flip = tokenizer.encode(torch.flip(x, dims=[-1])) if meta.flips else None
+        with inference_autocast(meta.precision, x.device.type):
+            z_flip = tokenizer.encode(torch.flip(x, dims=[-1])) if meta.flips else None
         writer.put(offset, z, z_flip, batch["label"])
         bar.update(end - first)
         if offset + end - first == writer.n:
@@ -495,14 +510,16 @@ def _finalise(out_dir: Path, meta: CacheMeta, names: list[str]) -> None:
 def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int | None = None,
                        crop: str | None = None, flips: bool | None = None, batch_size: int = 64,
                        shard_size: int = 4096, dtype: str = "float32", num_workers: int | None = None,
-                       on_error: str | None = None, progress: bool = True) -> CacheMeta:
+                       on_error: str | None = None, precision: str = "auto", progress: bool = True) -> CacheMeta:
     """Encode `data` with the frozen `tokenizer` (`ldm.tokenizers.export.Tokenizer`) into a cache at `out_dir`.
 
     `data` is a `DataCfg` (source, image_size, crop, on_error, min_size, num_workers and hflip -> `flips` are taken
-    from it) or a source spec ('digits', a folder, archive or .npz) with DataCfg's defaults; keyword arguments that
+    from it) or a source spec (any `ldm.data.sources.open_source` takes) with DataCfg's defaults; keyword arguments that
     are not None override. Call it from every process of a distributed launch: each encodes its own shards (s mod
     world == rank), then rank 0 merges the statistics and the shards' bad-file records and finalises meta.json.
-    Returns the complete `CacheMeta`.
+    `precision` ("auto" | "fp32" | "bf16", ldm.precision.resolve_inference_precision) is the encoder's autocast
+    precision, recorded in meta.json and part of the plan: a cache is never finished in another precision than it
+    was begun in. Returns the complete `CacheMeta`.
     """
     from accelerate import PartialState
 
@@ -514,8 +531,12 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     d = _data_settings(data, image_size, crop, on_error)
     meta, dataset = _plan(tokenizer, d, flips=d.hflip if flips is None else flips, dtype=dtype, shard_size=shard_size)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"  # PartialState's device below
+    meta.precision, why = resolve_inference_precision(precision, device_type, "precision")
     out_dir = Path(out_dir)
     _refuse_other_plan(out_dir, meta)
+    # debug: the command's closing summary states the precision; stderr stays free for a one-line error
+    log.debug("encoding precision %s (%s)", meta.precision, why)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -540,5 +561,5 @@ def build_latent_cache(tokenizer, data, out_dir: str | Path, *, image_size: int 
     return read_cache_meta(out_dir)
 
 
-__all__ = ["CacheMeta", "LatentCacheDataset", "LatentStats", "RunningMoments", "build_latent_cache", "read_cache_meta",
-           "shard_files", "META_FILE"]
+__all__ = ["CacheMeta", "LatentCacheDataset", "LatentStats", "RunningMoments", "build_latent_cache", "check_fingerprint",
+           "read_cache_meta", "shard_files", "META_FILE"]

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, OptimCfg, RunConfig, TrainCfg, as_container, save_config
-from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.sampler import build_batch_sampler, refuse_layout_change
 from ldm.io import save_image_grid
 from ldm.precision import resolve_mixed_precision
 from ldm.runs import last_good_checkpoint, latest_checkpoint, load_state_strict, resolve_checkpoint, setup_logging
@@ -42,7 +42,7 @@ from ldm.seeding import derive_seed
 from ldm.train.checkpoint import (CheckpointWriteError, Resume, check_task_facts, open_resume, record_changes,
                                   save_checkpoint)
 from ldm.train.ema import EMA
-from ldm.train.logging import MetricsWriter
+from ldm.train.logging import MetricsWriter, accelerate_trackers, check_trackers
 from ldm.train.task import Task
 
 # logged as their value at the logging step (with the task's `instant_logs`); every other scalar is averaged over
@@ -79,6 +79,7 @@ class _Run:
     writer: MetricsWriter | None = None
     step: int = 0
     position: int = 0                               # micro-batches consumed: the data sampler resumes here
+    data_layout: dict[str, int] | None = None       # the sampler's process x stream split, where its order has one
     last_ckpt: Path | None = None
     resumed_from: Path | None = None
     nan_skips: int = 0
@@ -174,6 +175,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
     from accelerate import PartialState
 
     t = cfg.train
+    check_trackers(t.trackers)  # a tracker's missing package stops the run before anything is written
     # -------------------------------------------------------------------- set-up: processes, resume contract, logger
     procs = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(None, procs.is_main_process)  # stdout only: nothing reaches the run directory before the contract
@@ -281,9 +283,12 @@ def _prepare(cfg: RunConfig, task: Task, mp: str, resume: Resume | None, log: lo
     # another setting, starts that one afresh (the process group, in PartialState, stays)
     if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
         AcceleratorState._reset_state()
-    # with several phases, each backward leaves the other phases' parameters without gradients
+    # with several phases, each backward leaves the other phases' parameters without gradients; train.trackers
+    # other than tensorboard are accelerate's (started in _start, by ldm.train.logging.MetricsWriter)
+    trackers = accelerate_trackers(cfg.train.trackers)
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=len(task.phases) > 1)])
+        DistributedDataParallelKwargs(find_unused_parameters=len(task.phases) > 1)],
+        log_with=trackers or None, project_dir=str(cfg.run_dir) if trackers else None)
     t, o = cfg.train, cfg.optim
     task.to(accelerator.device)
     groups = task.param_groups()
@@ -376,6 +381,7 @@ def _restore(run: _Run, resume: Resume) -> dict[str, Any]:
             raise ValueError(f"{path} has no EMA weights but train.ema=true")
         run.ema.load_state_dict(ckpt["ema"])
     run.step, run.position, run.last_ckpt = int(st["step"]), int(st["data_position"]), path
+    run.data_layout = st.get("data_layout")
     run.resumed_from = path
     run.task.to(run.accelerator.device)
     return st
@@ -397,10 +403,14 @@ def _apply_settings(opt: torch.optim.Optimizer, scheduler: torch.optim.lr_schedu
 
 
 def _data(run: _Run, dataset: torch.utils.data.Dataset, micro_bs: int):
-    """(the resumable batch sampler, an iterator of micro-batches starting at the run's data position)."""
+    """(the resumable batch sampler, an iterator of micro-batches starting at the run's data position). A shard
+    source's order depends on the process and worker counts: a resumed run must have those of its checkpoint."""
     acc, cfg = run.accelerator, run.cfg
-    sampler = ResumableBatchSampler(len(dataset), micro_bs, seed=cfg.seed, rank=acc.process_index,
-                                    world_size=acc.num_processes, start=run.position)
+    sampler = build_batch_sampler(dataset, micro_bs, seed=cfg.seed, rank=acc.process_index,
+                                  world_size=acc.num_processes, start=run.position, num_workers=cfg.data.num_workers,
+                                  shuffle_buffer=cfg.data.shuffle_buffer)
+    refuse_layout_change(run.data_layout, sampler.layout)
+    run.data_layout = sampler.layout
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          pin_memory=acc.device.type == "cuda",
                                          persistent_workers=cfg.data.num_workers > 0)
@@ -420,7 +430,9 @@ def _start(run: _Run, log: logging.Logger, mp: tuple[str, str], resume: Resume |
             log.info("resumed from %s (step %d)", resume.path, run.step)
             record_changes(cfg.run_dir, resume, log)
         save_config(cfg, cfg.run_dir / "config.yaml")
-    run.writer = MetricsWriter(cfg.run_dir, acc.is_main_process)
+    run.writer = MetricsWriter(cfg.run_dir, acc.is_main_process, trackers=cfg.train.trackers, accelerator=acc,
+                               project=cfg.train.tracker_project, run_name=cfg.name,
+                               config=as_container(cfg) if resume is None else None)
 
 
 # ------------------------------------------------------------------------------------------------------ the step
@@ -644,6 +656,8 @@ def _checkpoint(run: _Run, log: logging.Logger) -> Path:
              "rng": gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]}
     if acc.scaler is not None:
         state["scaler"] = acc.scaler.state_dict()
+    if run.data_layout is not None:
+        state["data_layout"] = run.data_layout
     failure: CheckpointWriteError | None = None
     if acc.is_main_process:
         try:
