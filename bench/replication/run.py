@@ -5,6 +5,8 @@
     python bench/replication/run.py --tiny             # smoke test of the machinery (minutes; numbers mean nothing)
     options: --seeds 0,1,2  --variants kl,kl_eq,kl_va  --run-root runs/replication  --inception {off,rfid,all}
              --inception-weights PATH  --no-docs
+    python bench/replication/run.py --study decoder_losses --quick   # plain vs + LPL vs + pixel post-training of the
+                                                                     # generator, paired by seed (DECODER_ARMS below)
 
 For every (tokenizer variant, seed), one `ldm pipeline` run (bench/replication/<mode>.yaml + overrides) trains a KL
 tokenizer of identical architecture and budget -- plain, + EQ-VAE (Kouzelis et al. 2025, arXiv:2502.09509), or
@@ -56,11 +58,11 @@ BEGIN, END = "<!-- BEGIN GENERATED (bench/replication/run.py) -->", "<!-- END GE
 
 
 # ----------------------------------------------------------------------------------------------------------- config
-def study_config(mode: str, root: Path, variant: str, seed: int):
+def study_config(mode: str, root: Path, variant: str, seed: int, extra: tuple[str, ...] = ()):
     from ldm.config import PipelineCfg, load_config
 
     overrides = [f"name={variant}_s{seed}", f"run_root={root / mode}", f"tokenizer.seed={seed}",
-                 f"generator.seed={seed}", *VARIANTS[variant][1]]
+                 f"generator.seed={seed}", *VARIANTS[variant][1], *extra]
     cfg = load_config([HERE / f"{mode}.yaml"], overrides, schema=PipelineCfg)
     t = cfg.generator.train
     steps = [round(f * t.max_steps) for f in FRACTIONS]
@@ -73,12 +75,8 @@ def study_config(mode: str, root: Path, variant: str, seed: int):
 # ----------------------------------------------------------------------------------------------------------- one run
 def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_weights: str | None) -> dict:
     """Train (pipeline) and measure one (variant, seed); cached in <run>/study.json for identical settings."""
-    import torch
-
     from ldm.encoders import build_encoder
-    from ldm.eval.evaluate import evaluate_reconstruction, evaluate_samples
-    from ldm.eval.generate import write_samples
-    from ldm.eval.generator import load_generator
+    from ldm.eval.evaluate import evaluate_reconstruction
     from ldm.eval.latents import diagnose_tokenizer
     from ldm.pipeline import run_pipeline
     from ldm.tokenizers.export import load_tokenizer
@@ -118,22 +116,43 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
     for frac in FRACTIONS:
         step = round(frac * max_steps)
         ckpt = run_dir / "generator" / "checkpoints" / f"step_{step:07d}"
-        gen = load_generator(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-        out = write_samples(gen, run_dir / "samples" / f"step_{step:07d}", num=settings["num_samples"],
-                            classes=list(range(gen.num_classes)), grid=False, npz=True,
-                            seed=cfg.generator.sample.seed, progress=False)
-        res = evaluate_samples(str(out["npz"]), "digits", extractor="digits", size=32, metrics=("fd",),
-                               cache_dir=cache_dir, progress=False)
+        fd, fid = sample_gfd(ckpt, run_dir / "samples" / f"step_{step:07d}", settings, cache_dir,
+                             cfg.generator.sample.seed, inception_weights)
         record["steps"].append(step)
-        record["gfd_digits"].append(res["fd_digits"])
-        if settings["inception"] == "all":
-            res = evaluate_samples(str(out["npz"]), "digits", extractor="inception", size=32, metrics=("fd",),
-                                   extractor_weights=inception_weights, cache_dir=cache_dir, progress=False)
-            record["gfid"].append(res["fid"])
-    seconds["sample_and_gfd"] = round(time.perf_counter() - start, 1)
+        record["gfd_digits"].append(fd)
+        if fid is not None:
+            record["gfid"].append(fid)
+    return save_record(record, seconds, start, record_file)
+
+
+def save_record(record: dict, seconds: dict, sampling_start: float, record_file: Path) -> dict:
+    """Add the sampling time and the phase times to `record` and write it to `record_file`."""
+    seconds["sample_and_gfd"] = round(time.perf_counter() - sampling_start, 1)
     record["seconds"] = seconds
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def sample_gfd(ckpt: Path, out_dir: Path, settings: dict, cache_dir: Path, seed: int,
+               inception_weights: str | None) -> tuple[float, float | None]:
+    """gFD_digits (and gFID when settings say "all") of settings["num_samples"] class-balanced EMA samples of one
+    generator checkpoint, drawn with per-index noise from `seed` (the same for every run: paired)."""
+    import torch
+
+    from ldm.eval.evaluate import evaluate_samples
+    from ldm.eval.generate import write_samples
+    from ldm.eval.generator import load_generator
+
+    gen = load_generator(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    out = write_samples(gen, out_dir, num=settings["num_samples"], classes=list(range(gen.num_classes)), grid=False,
+                        npz=True, seed=seed, progress=False)
+    fd = evaluate_samples(str(out["npz"]), "digits", extractor="digits", size=32, metrics=("fd",),
+                          cache_dir=cache_dir, progress=False)["fd_digits"]
+    fid = None
+    if settings["inception"] == "all":
+        fid = evaluate_samples(str(out["npz"]), "digits", extractor="inception", size=32, metrics=("fd",),
+                               extractor_weights=inception_weights, cache_dir=cache_dir, progress=False)["fid"]
+    return fd, fid
 
 
 # ----------------------------------------------------------------------------------------------------------- aggregate
@@ -305,6 +324,149 @@ def generated_block(mode: str, command: str, agg: dict, records: list[dict], ste
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------- decoder losses
+# --study decoder_losses: the generator objective through the frozen decoder, on the plain-KL tokenizer of each seed
+# (the "kl" pipeline run: its tokenizer and latent cache are shared by every arm, so only the objective differs).
+#   plain       the pipeline's own generator: N steps of flow matching
+#   lpl         N steps with the latent perceptual loss (diffusion.lpl.* at its defaults; Berrada et al. 2025)
+#   plain_post  plain's EMA at N/2 (train.init_from, init_weights=ema), then N/2 more plain steps with a fresh
+#               optimizer: the control of the post-training arm (same restart, no pixel loss)
+#   pixel_post  the same restart with the pixel-space loss (Zhang et al. 2024; target=decoded, the cache has no
+#               images)
+# The post arms equal plain up to N/2 (their 25 % and 50 % numbers are plain's); all arms end at N steps.
+DECODER_ARMS = {
+    "plain": ("plain", (), False),
+    "lpl": ("+ LPL", ("generator.diffusion.lpl.enabled=true",), False),
+    "plain_post": ("plain, restarted from its 50 % EMA", (), True),
+    "pixel_post": ("+ pixel post-training from the 50 % EMA", ("generator.diffusion.pixel_loss.enabled=true",
+                                                                "generator.diffusion.pixel_loss.target=decoded"), True),
+}
+DECODER_PAIRS = (("lpl", "plain"), ("plain_post", "plain"), ("pixel_post", "plain_post"))
+DBEGIN = "<!-- BEGIN GENERATED decoder losses (bench/replication/run.py --study decoder_losses) -->"
+DEND = "<!-- END GENERATED decoder losses -->"
+
+
+def arm_config(mode: str, root: Path, arm: str, seed: int):
+    """(the plain-KL pipeline config of `seed`, the arm's generator RunConfig under that pipeline's directory)."""
+    import dataclasses
+
+    from ldm.pipeline import stage_configs
+
+    pcfg = study_config(mode, root, "kl", seed, DECODER_ARMS[arm][1])
+    _, gen = stage_configs(pcfg)
+    if arm == "plain":
+        return pcfg, gen
+    t = gen.train
+    if DECODER_ARMS[arm][2]:
+        half = t.max_steps // 2
+        t = dataclasses.replace(t, max_steps=half, ckpt_every=half, init_weights="ema",
+                                init_from=str(pcfg.run_dir / "generator" / "checkpoints" / f"step_{half:07d}"))
+    return pcfg, dataclasses.replace(gen, name=f"generator_{arm}", train=t)
+
+
+def measure_arm(mode: str, root: Path, arm: str, seed: int, settings: dict, cache_dir: Path,
+                inception_weights: str | None, plain: dict | None) -> dict:
+    """Train one arm (the plain pipeline first, skip-done) and measure gFD at 25/50/100 % of N; cached in
+    <kl_s{seed}>/study_<arm>.json for identical settings. `plain`: the plain arm's record (the post arms reuse its
+    numbers up to N/2)."""
+    from ldm.pipeline import run_pipeline
+    from ldm.train.loop import fit
+
+    pcfg, gen = arm_config(mode, root, arm, seed)
+    record_file = pcfg.run_dir / f"study_{arm}.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            return record
+    start = time.perf_counter()
+    plain_pcfg, _ = arm_config(mode, root, "plain", seed)
+    run_pipeline(plain_pcfg, progress=False)  # tokenizer, latent cache, plain generator (skipped when done)
+    if arm != "plain" and not (gen.run_dir / "checkpoints" / f"step_{gen.train.max_steps:07d}").is_dir():
+        fit(gen, progress=False)
+    seconds = {"train": round(time.perf_counter() - start, 1)}
+    start = time.perf_counter()
+    n = plain_pcfg.generator.train.max_steps
+    post = DECODER_ARMS[arm][2]
+    record: dict = {"arm": arm, "seed": seed, "settings": settings, "steps": [], "gfd_digits": [], "gfid": []}
+    for frac in FRACTIONS:
+        step = round(frac * n)
+        if post and frac <= 0.5:
+            i = plain["steps"].index(step)
+            fd, fid = plain["gfd_digits"][i], (plain["gfid"][i] if plain["gfid"] else None)
+        else:
+            own = step - n // 2 if post else step
+            fd, fid = sample_gfd(gen.run_dir / "checkpoints" / f"step_{own:07d}", gen.run_dir / "samples" /
+                                 f"step_{step:07d}", settings, cache_dir, gen.sample.seed, inception_weights)
+        record["steps"].append(step)
+        record["gfd_digits"].append(fd)
+        if fid is not None:
+            record["gfid"].append(fid)
+    return save_record(record, seconds, start, record_file)
+
+
+def decoder_tables(records: list[dict], steps: list[int]) -> str:
+    """gFD per arm (mean [min, max] over seeds), then the paired ratios of DECODER_PAIRS by seed (< 1 = better)."""
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    lines = ["| arm | " + " | ".join(f"gFD_digits @{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for a in arms:
+        v = np.array([r["gfd_digits"] for r in records if r["arm"] == a])  # (seeds, steps)
+        lines.append(f"| {DECODER_ARMS[a][0]} | " + " | ".join(
+            f"{v[:, i].mean():.2f} [{v[:, i].min():.2f}, {v[:, i].max():.2f}]" for i in range(len(steps))) + " |")
+    by = {(r["arm"], r["seed"]): r for r in records}
+    pairs = [(a, b) for a, b in DECODER_PAIRS if a in arms and b in arms]
+    if pairs:
+        lines += ["", "| paired by seed: gFD ratio | " + " | ".join(f"@{s}" for s in steps) + " |",
+                  "|---" * (len(steps) + 1) + "|"]
+    for a, b in pairs:
+        ratios = np.array([[x / y for x, y in zip(by[(a, s)]["gfd_digits"], by[(b, s)]["gfd_digits"])]
+                           for (arm, s) in by if arm == a and (b, s) in by])
+        lines.append(f"| {a} / {b} | " + " | ".join(
+            f"{ratios[:, i].mean():.2f} [{ratios[:, i].min():.2f}, {ratios[:, i].max():.2f}]"
+            for i in range(len(steps))) + " |")
+    return "\n".join(lines)
+
+
+def main_decoder_losses(args, seeds: list[int], settings: dict, weights: str | None) -> int:
+    arms = [a for a in args.arms.split(",") if a]
+    bad = [a for a in arms if a not in DECODER_ARMS]
+    if bad:
+        raise SystemExit(f"--arms: unknown {bad}; expected a subset of {list(DECODER_ARMS)}")
+    arms = ["plain", *[a for a in arms if a != "plain"]]  # the reference every pair and post arm needs
+    root, start, records = Path(args.run_root), time.perf_counter(), []
+    cache_dir = root / args.mode / "fid_stats"
+    for seed in seeds:
+        plain = None
+        for arm in arms:
+            t0 = time.perf_counter()
+            rec = measure_arm(args.mode, root, arm, seed, settings, cache_dir, weights, plain)
+            plain = rec if arm == "plain" else plain
+            records.append(rec)
+            print(f"{arm:<10} seed {seed}: gFD_digits " + " / ".join(f"{x:.2f}" for x in rec["gfd_digits"]) +
+                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    wall = time.perf_counter() - start
+    steps = records[0]["steps"]
+    table = decoder_tables(records, steps)
+    out = root / args.mode / "results_decoder_losses.json"
+    out.write_text(json.dumps({"mode": args.mode, "settings": settings, "seeds": seeds, "runs": records}, indent=2)
+                   + "\n")
+    print(table)
+    print(f"wrote {out}; wall time {wall / 60:.1f} min")
+    if not args.no_docs:
+        smoke = "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**\n\n"
+        command = (f"python bench/replication/run.py --study decoder_losses --{args.mode}"
+                   + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"))
+        block = (f"{smoke if args.mode == 'tiny' else ''}Command: `{command}` (seeds {seeds}; cells mean [min, max] "
+                 f"over seeds; {settings['num_samples']} EMA samples per gFD_digits; {wall / 60:.1f} min)\n\n{table}")
+        path = REPO / "docs" / "replication.md"
+        text = path.read_text()
+        if DBEGIN not in text:
+            text = text.rstrip("\n") + f"\n\n{DBEGIN}\n{DEND}\n"
+        head, rest = text.split(DBEGIN, 1)
+        path.write_text(f"{head}{DBEGIN}\n{block}\n{DEND}{rest.split(DEND, 1)[1]}")
+        print("wrote docs/replication.md (decoder-loss block)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def default_inception_weights() -> str | None:
     root = Path(os.environ.get("LDM_SHARED", REPO.parent / "shared"))
@@ -325,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-weights", default=None, help="FID Inception weights (default: $LDM_SHARED or "
                    "../shared weights/fid_inception_v3_tf2015.pth when present)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/replication.md and assets/")
+    p.add_argument("--study", choices=["tokenizers", "decoder_losses"], default="tokenizers",
+                   help="tokenizers: plain vs EQ-VAE vs VA-VAE latents; decoder_losses: plain vs + LPL vs + pixel "
+                        "post-training of the generator on the plain tokenizer (--arms)")
+    p.add_argument("--arms", default=",".join(DECODER_ARMS), help=f"--study decoder_losses: comma list of "
+                                                                   f"{list(DECODER_ARMS)}")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -343,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    if args.study == "decoder_losses":
+        return main_decoder_losses(args, seeds, settings, weights)
     root = Path(args.run_root)
     cache_dir = root / args.mode / "fid_stats"
     start = time.perf_counter()

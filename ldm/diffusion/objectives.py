@@ -228,6 +228,7 @@ def training_loss(
     min_snr_gamma: float = 5.0,
     cos_loss_weight: float = 0.0,
     learned_sigma: bool = False,
+    state: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample training loss (B,) and a dict of detached batch-mean scalars.
 
@@ -241,6 +242,8 @@ def training_loss(
     learned_sigma=True (DiT): the model outputs 2C channels, the first C are the prediction, the last C the
     LEARNED_RANGE variance values in [-1, 1]; the VLB term sees the prediction detached (DiT `frozen_out`) and needs a
     DDPM path and times on its grid.
+    `state`, when given, receives what auxiliary terms need to form the clean-latent estimate: x_t, t (as
+    drawn), noise and out (the prediction, the first C channels with learned_sigma); the returns do not change.
     """
     check_prediction(prediction)
     if weighting not in WEIGHTINGS:
@@ -257,6 +260,8 @@ def training_loss(
         out, var_values = out.split(x0.shape[1], dim=1)  # (B, C, ...) each
     if out.shape != x0.shape:
         raise ValueError(f"model output shape {tuple(out.shape)} does not match the data shape {tuple(x0.shape)}")
+    if state is not None:
+        state.update(x_t=x_t, t=t, noise=noise, out=out)
     target = prediction_target(prediction, x0, noise, t, path)
     mse = mean_flat((out - target) ** 2)
     weight = min_snr_weight(t, path=path, prediction=prediction, gamma=min_snr_gamma).to(mse) if weighting else 1.0
