@@ -1,6 +1,7 @@
 """`ldm pipeline CONFIG`: a whole experiment in one command, resumable stage by stage.
 
-    tokenizer  train the tokenizer (ldm train, stage=tokenizer), then store its latent statistics beside it
+    tokenizer  train the tokenizer (ldm train, stage=tokenizer), then store its latent statistics beside it; or,
+               with tokenizer.stage=end_to_end, REPA-E's joint run (statistics: its generator's latent batch norm)
     latents    encode the generator's dataset once into the latent cache
     generator  train the generator on the cache (ldm train, stage=generator)
     sample     a class-conditional grid (grid_per_class x classes) and `num_samples` images as an ADM .npz
@@ -32,7 +33,10 @@ log = logging.getLogger("ldm.pipeline")
 def stage_configs(cfg: PipelineCfg) -> tuple[RunConfig, RunConfig]:
     """The two training runs, placed under the pipeline directory and wired to each other."""
     root = str(cfg.run_dir)
-    tok = dataclasses.replace(cfg.tokenizer, name="tokenizer", stage="tokenizer",
+    # tokenizer.stage=end_to_end: REPA-E's joint run takes the tokenizer stage's place; the later stages read its
+    # tuned tokenizer (ldm.tokenizers.export loads a joint run's tokenizer and latent statistics)
+    stage = "end_to_end" if cfg.tokenizer.stage == "end_to_end" else "tokenizer"
+    tok = dataclasses.replace(cfg.tokenizer, name="tokenizer", stage=stage,
                               train=dataclasses.replace(cfg.tokenizer.train, run_root=root))
     gen = dataclasses.replace(
         cfg.generator, name="generator", stage="generator",
@@ -77,10 +81,13 @@ def run_tokenizer(cfg: PipelineCfg, tok_cfg: RunConfig, progress: bool) -> dict:
     if not skipped:
         _fit_stage(tok_cfg, progress)
     stats_file = run_dir / STATS_FILE
-    fingerprint = load_tokenizer(run_dir).fingerprint
-    if not (stats_file.is_file() and load_latent_stats(stats_file).fingerprint == fingerprint):
-        compute_tokenizer_stats(run_dir, tok_cfg.data, num_images=tok_cfg.tokenizer.stats_num_images)
-    stats = load_latent_stats(stats_file)
+    if tok_cfg.stage == "end_to_end":  # REPA-E: the statistics are the generator's latent batch norm's
+        stats, stats_file = load_tokenizer(run_dir).stats, latest_checkpoint(run_dir)
+    else:
+        fingerprint = load_tokenizer(run_dir).fingerprint
+        if not (stats_file.is_file() and load_latent_stats(stats_file).fingerprint == fingerprint):
+            compute_tokenizer_stats(run_dir, tok_cfg.data, num_images=tok_cfg.tokenizer.stats_num_images)
+        stats = load_latent_stats(stats_file)
     metrics = _last_metrics(run_dir)
     return {"skipped": skipped, "run_dir": str(run_dir), "latent_stats": str(stats_file),
             "latent_mean": [round(v, 4) for v in stats.mean], "latent_std": [round(v, 4) for v in stats.std],

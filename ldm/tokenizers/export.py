@@ -3,7 +3,9 @@
 `load_tokenizer(path)` accepts, and tells apart by their files:
 * an ldm tokenizer run directory (`latest` -> checkpoints/step_*/) or one checkpoint directory (`state.pt`):
   EMA weights (`ema.safetensors`) when present, else the autoencoder part of `model.safetensors`; the architecture
-  comes from `tokenizer_arch.json` written into the run directory when training starts;
+  comes from `tokenizer_arch.json` written into the run directory when training starts; a joint (end_to_end) run's
+  tokenizer is the autoencoder part of `model.safetensors` with the generator's latent batch-norm statistics
+  (`_load_joint_run`);
 * an export folder of any kind (ldm.tokenizers.kinds decides whose it is: `TokenizerKind.is_folder`): a diffusers
   AutoencoderKL folder (`config.json` + weights, e.g. a downloaded SD-VAE), a VQ export (`vq_config.json` +
   `vq_model.safetensors`), or ldm's own folder of the other kinds (`tokenizer_config.json` + `tokenizer.safetensors`).
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 ARCH_FILE = "tokenizer_arch.json"
 AUTOENCODER_PREFIX = "autoencoder."  # the TokenizerTask attribute holding the autoencoder
+JOINT_KEY = "joint"  # tokenizer_arch.json of a joint run (stage end_to_end): see _load_joint_run
 
 
 # ----------------------------------------------------------------------------------------------------------- build
@@ -258,7 +261,10 @@ def _load_run(path: Path, use_ema: bool) -> Tokenizer:
 
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
-    model = model_from_arch(_arch_for_run(run_dir))
+    arch = _arch_for_run(run_dir)
+    model = model_from_arch(arch)
+    if JOINT_KEY in arch:  # a joint run (stage end_to_end): its EMA file holds the generator
+        return _load_joint_run(ckpt, model, arch[JOINT_KEY], use_ema)
     ema_file = ckpt / "ema.safetensors"
     if use_ema and ema_file.is_file():
         load_strict(model, load_file(str(ema_file)), str(ema_file))
@@ -267,6 +273,29 @@ def _load_run(path: Path, use_ema: bool) -> Tokenizer:
         source = str(ckpt / "model.safetensors")
         load_strict(model, _autoencoder_part(load_file(source), ckpt), source)
     return Tokenizer(model, stats=_stats_beside(run_dir), source=source)
+
+
+def _load_joint_run(ckpt: Path, model: nn.Module, joint: dict[str, str], use_ema: bool) -> Tokenizer:
+    """The tokenizer of a joint run (ldm.train.end_to_end_task, REPA-E). Its tokenizer_arch.json carries
+    "joint": {"ema_module": prefix in model.safetensors of the module ema.safetensors averages (the generator),
+    "latent_bn": prefix in that module of the batch norm that normalises the latents}. The tokenizer is trained
+    without EMA (as REPA-E), so its weights are the "autoencoder." part of model.safetensors; its latent statistics
+    are that batch norm's running mean and sqrt(running var), from the EMA weights unless use_ema=False (REPA-E
+    save_vae_weights.py reads ckpt["ema"]["bn.running_mean" / "bn.running_var"]). The scaling factor is 1 / the
+    pooled std over channels (equal counts per channel)."""
+    source = str(ckpt / "model.safetensors")
+    full = load_file(source)
+    load_strict(model, _autoencoder_part(full, ckpt), source)
+    ema_file = ckpt / "ema.safetensors"
+    if use_ema and ema_file.is_file():
+        state, prefix = load_file(str(ema_file)), joint["latent_bn"]
+    else:
+        state, prefix = full, joint["ema_module"] + joint["latent_bn"]
+    mean, var = state[prefix + "running_mean"].double(), state[prefix + "running_var"].double()
+    pooled_var = (var + mean.square()).mean() - mean.mean().square()
+    stats = LatentStats(mean=mean.tolist(), std=var.sqrt().tolist(), scaling_factor=float(pooled_var.rsqrt()),
+                        num_images=0, fingerprint=fingerprint(model))
+    return Tokenizer(model, stats=stats, source=source)
 
 
 def load_tokenizer(path: str | Path, *, use_ema: bool = True, device: str | torch.device | None = None) -> Tokenizer:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ldm.config import ConfigError, RunConfig
+from ldm.train.end_to_end_task import build_end_to_end_task
 from ldm.train.generator_task import build_generator_task
 from ldm.train.task import Task
 from ldm.train.tokenizer_task import build_tokenizer_task
@@ -19,6 +20,7 @@ from ldm.train.tokenizer_task import build_tokenizer_task
 STAGES: dict[str, Callable[[RunConfig], tuple[Task, torch.utils.data.Dataset]]] = {
     "tokenizer": build_tokenizer_task,
     "generator": build_generator_task,
+    "end_to_end": build_end_to_end_task,
 }
 
 
