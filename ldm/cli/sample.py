@@ -26,6 +26,7 @@ Sample images from a generator run (EMA weights by default).
   ldm sample runs/dit_s2 --num 64 --grid --out samples/look
   ldm sample runs/dit_s2 --num 50000 --cfg 1.5 --interval 0,0.7 --npz --out samples/fid50k
   ldm sample runs/dit_s2 sample.sampler=heun sample.steps=8 sample.cfg_scale=2.0   (the same keys as key=value)
+  ldm sample runs/t2i --prompt "a handwritten digit seven" --prompts prompts.txt --cfg 4 -n 40 --grid
   torchrun --nproc_per_node 8 sample.py runs/dit_s2 -n 50000 --npz --out samples/fid50k
   accelerate launch --num_processes 8 sample.py runs/dit_s2 -n 50000 ...   (same, via accelerate)
   ldm sample --official dit --weights DiT-XL-2-256x256.pt --tokenizer sd-vae-ft-ema --cfg 1.5 \\
@@ -43,7 +44,9 @@ Time runs from t=1 (noise) to t=0 (data); --interval is given in that time."""
 
 LABELS = """\
 labels: sample i gets classes[i mod K] (cycle), classes[hash(seed, i) mod K] (random), or blocks of
-ceil(num/K) consecutive samples per class (grid: one class per grid row).
+ceil(num/K) consecutive samples per class (grid: one class per grid row). Text models: the K prompts
+of --prompt / --prompts take the place of the classes (--cfg guides towards each prompt against the
+null caption); without prompts they sample unconditionally.
 
 config keys (set any as sample.<key>=value; [--flag] is its short alias; the defaults below are the schema's,
 a run's own `sample:` values take their place):"""
@@ -73,7 +76,12 @@ def register(subparsers) -> None:
                "--numa-binding)")
     p.add_argument("--classes", default="all", help="class ids to sample: 'all', a list '0,1,2' or a range '0-9'")
     p.add_argument("--label-order", default="cycle", choices=["cycle", "random", "grid"],
-                   help="how sample indices map to classes (see below)")
+                   help="how sample indices map to classes (or prompts; see below)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text models: a prompt (repeat for several); they take the place of classes, and each PNG "
+                        "gets its prompt beside it as NNNNNN.txt, the grid its grid.txt")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text models: a file of prompts, one per non-empty line (added after any --prompt)")
     k.add(p, "--seed", field="seed", type=int, help="global seed")
     g = p.add_argument_group("sampler (default: the run's sample.* values)")
     k.add(g, "--sampler", field="sampler", metavar="NAME", help=f"one of {', '.join(SAMPLER_NAMES)}")
@@ -89,6 +97,8 @@ def register(subparsers) -> None:
     k.add(g, "--eta", field="eta", type=float, help="DDIM eta (0 = deterministic)")
     o = p.add_argument_group("output and speed")
     k.add(o, "--batch", field="batch_size", type=int, help="images per forward per process")
+    k.add(o, "--precision", field="precision", choices=["auto", "fp32", "bf16"],
+          help="network and decoder precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     o.add_argument("--decode-batch", type=int, default=8, help="latents per tokenizer decode call")
     o.add_argument("--grid", action="store_true", help="also write OUT/grid.png of the first --grid-size images")
     o.add_argument("--grid-size", type=int, default=64, help="images in the grid")
@@ -138,6 +148,19 @@ def _load(args: argparse.Namespace, source: str | None, use_ema: bool, device):
     return load_official_generator(args.official, args.weights, tokenizer=args.tokenizer, device=device)
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt values, then the lines of --prompts FILE; None when neither is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file (one prompt per line)")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: the file holds no prompt (one per non-empty line)")
+    return prompts or None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     paths, overrides = split_config_args(args.config)
     if len(paths) > 1:
@@ -158,7 +181,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(gen.checkpoint, sample_cfg)
     result = write_samples(gen, out, num=sample_cfg.num, classes=args.classes, label_order=args.label_order,
                            sample_cfg=sample_cfg, batch_size=sample_cfg.batch_size, decode_batch=args.decode_batch,
-                           grid=args.grid, grid_size=args.grid_size, npz=args.npz, progress=not args.no_progress)
+                           grid=args.grid, grid_size=args.grid_size, npz=args.npz, progress=not args.no_progress,
+                           prompts=_prompts(args))
     if accelerator.is_main_process:
         print(_summary(result, out, gen))
     return 0

@@ -34,7 +34,7 @@ from PIL import Image
 from ldm.config import SAMPLE_NON_IDENTITY_FIELDS, SampleCfg
 from ldm.diffusion.samplers import get_sampler
 from ldm.eval.features import dist_info
-from ldm.eval.generator import Generator, initial_noise
+from ldm.eval.generator import Generator, initial_noise, sampling_precision
 from ldm.io import atomic_write_text, git_sha
 from ldm.seeding import derive_seed, index_generators
 
@@ -138,7 +138,8 @@ def generate_batch(gen: Generator, indices: Sequence[int], labels: torch.Tensor 
     images = []
     for s in range(0, n, decode_batch):
         chunk = z[s:s + decode_batch]
-        images.append(gen.decode(_pad_rows(chunk, decode_batch))[:chunk.shape[0]])  # (m, C, H, W)
+        images.append(gen.decode(_pad_rows(chunk, decode_batch),
+                                 precision=sample_cfg.precision)[:chunk.shape[0]])  # (m, C, H, W)
     return to_uint8(torch.cat(images))
 
 
@@ -146,6 +147,7 @@ def generate_batch(gen: Generator, indices: Sequence[int], labels: torch.Tensor 
 SAMPLE_CONFIG = "sample_config.yaml"
 NPZ_NAME = "samples.npz"
 GRID_NAME = "grid.png"
+GRID_CAPTIONS = "grid.txt"  # text models: the prompts of the grid, row by row
 _SAMPLE_FILE = re.compile(r"\d{6,}\.png")
 
 
@@ -220,23 +222,32 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 IDENTITY_FIELDS = tuple(f for f in dataclasses.fields(SampleCfg) if f.name not in SAMPLE_NON_IDENTITY_FIELDS)
+# identity keys recorded as used rather than as configured, with the value a folder written before the key existed
+# was made with: every sample was fp32 before sample.precision
+ADDED_IDENTITY_KEYS = {"compute_precision": "fp32"}
 
 
 def sample_identity(gen: Generator, sample_cfg: SampleCfg, *, seed: int, classes: list[int] | None,
-                    label_order: str, num: int) -> dict:
+                    label_order: str, num: int, prompts: Sequence[str] | None = None,
+                    precision: str = "fp32") -> dict:
     """Everything that decides what image i looks like. A folder's images all share one identity.
 
     Every SampleCfg field but SAMPLE_NON_IDENTITY_FIELDS (ldm/config.py) is recorded, so a new sampler option joins
     the identity by being added to SampleCfg; seed and EMA are recorded as used (the `seed` argument, the loaded
     weights). --num (except for label_order "grid", whose block labels depend on it), --batch, the process count
-    and --decode-batch are left out: they change how many images or how fast, not which."""
+    and --decode-batch are left out: they change how many images or how fast, not which. `precision` is what
+    sample.precision resolved to on this device (`sampling_precision`: auto is bf16 on CUDA, fp32 on a CPU without
+    native bf16), recorded as compute_precision, so a folder never mixes bf16 and fp32 samples."""
     ident = {"checkpoint": str(FsPath(gen.checkpoint).resolve()), "use_ema": bool(gen.used_ema),
              "tokenizer_fingerprint": gen.tokenizer.fingerprint, "latent_shape": list(gen.latent_shape),
-             "seed": int(seed), "classes": classes, "label_order": label_order}
+             "seed": int(seed), "classes": classes, "label_order": label_order,
+             "compute_precision": precision}
     for f in IDENTITY_FIELDS:
         ident[f.name] = _identity_value(getattr(sample_cfg, f.name), _field_default(f))
     if label_order == "grid":  # block labels depend on num
         ident["num"] = int(num)
+    if prompts is not None:  # text models: the labels are ids into this list
+        ident["prompts"] = list(prompts)
     return ident
 
 
@@ -250,13 +261,13 @@ def check_sample_folder(out: FsPath, identity: dict) -> None:
 
     A SampleCfg field missing from a folder's recorded identity was added after the folder was written: the folder
     was made with that field's default (a new option's default keeps the images made before it existed), so it is
-    read as the default."""
+    read as the default; so are the ADDED_IDENTITY_KEYS (a folder without compute_precision holds fp32 samples)."""
     out = FsPath(out)
     config_file = out / SAMPLE_CONFIG
     if config_file.is_file():
         recorded = (OmegaConf.to_container(OmegaConf.load(config_file)) or {}).get("identity") or {}
         saved = _plain({**{f.name: _identity_value(_field_default(f), _field_default(f)) for f in IDENTITY_FIELDS},
-                        **recorded})
+                        **ADDED_IDENTITY_KEYS, **recorded})
         now = _plain(identity)
         diffs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
                  if saved.get(k) != now.get(k)]
@@ -323,8 +334,9 @@ def _barrier(world: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the writer
 def _check_request(gen: Generator, sample_cfg: SampleCfg, *, num: int, seed: int, batch_size: int,
-                   decode_batch: int, grid_size: int, classes, label_order: str):
-    """Validate a write_samples request before anything is written: (run config recorded in the folder, class ids)."""
+                   decode_batch: int, grid_size: int, classes, label_order: str, prompts=None):
+    """Validate a write_samples request before anything is written: (run config recorded in the folder, class ids;
+    with `prompts`, the prompt ids, which take the place of classes)."""
     from ldm.config import validate
 
     for key, value in (("--num", num), ("--batch", batch_size), ("--decode-batch", decode_batch),
@@ -335,6 +347,14 @@ def _check_request(gen: Generator, sample_cfg: SampleCfg, *, num: int, seed: int
                                                                       batch_size=min(batch_size, num)))
     validate(run_cfg)  # ConfigError naming sample.<key>
     get_sampler(sample_cfg.sampler)
+    if prompts is not None:
+        if classes not in (None, "all"):
+            raise ValueError(f"--classes={classes!r} and --prompt / --prompts exclude each other: a text model's "
+                             f"samples follow the prompts")
+        gen.set_prompts(prompts)  # ValueError for a generator without a text encoder
+        if label_order not in LABEL_ORDERS:
+            raise ValueError(f"--label-order={label_order!r}; expected one of {list(LABEL_ORDERS)}")
+        return run_cfg, list(range(len(prompts)))
     if sample_cfg.cfg_scale != 1.0 and gen.num_classes < 1:
         raise ValueError(f"--cfg (sample.cfg_scale={sample_cfg.cfg_scale}): classifier-free guidance needs a class-"
                          f"conditional model, and {gen.checkpoint} is unconditional (num_classes=0); use --cfg 1")
@@ -354,8 +374,9 @@ def _start_folder(out: FsPath, record: dict) -> FsPath:
 
 
 def _finish_folder(out: FsPath, result: dict, *, num: int, classes: list[int] | None, seed: int, label_order: str,
-                   grid: bool, grid_size: int, npz: bool) -> None:
-    """Process 0, after every process finished: check no PNG is missing, then samples.npz and grid.png."""
+                   grid: bool, grid_size: int, npz: bool, prompts: Sequence[str] | None = None) -> None:
+    """Process 0, after every process finished: check no PNG is missing, then samples.npz and grid.png (with
+    prompts, grid.txt: the prompt of each grid cell, one line per grid row, cells separated by " | ")."""
     missing = [i for i in range(num) if not png_path(out, i).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} samples are missing after sampling (first: {png_path(out, missing[0])})"
@@ -364,14 +385,23 @@ def _finish_folder(out: FsPath, result: dict, *, num: int, classes: list[int] | 
         result["npz"] = write_npz(out, num, labels_for(range(num), classes, seed=seed, order=label_order, num=num))
     if grid:
         count = min(grid_size, num)
-        result["grid"] = write_grid(out, count, _grid_columns(count, classes, label_order, num))
+        ncol = _grid_columns(count, classes, label_order, num)
+        result["grid"] = write_grid(out, count, ncol)
+        if prompts is not None:
+            ids = labels_for(range(count), classes, seed=seed, order=label_order, num=num).tolist()
+            rows = [" | ".join(prompts[k] for k in ids[r:r + ncol]) for r in range(0, count, ncol)]
+            atomic_write_text(out / GRID_CAPTIONS, "\n".join(rows) + "\n")
 
 
 def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
                   label_order: str = "cycle", seed: int | None = None, sample_cfg: SampleCfg | None = None,
                   batch_size: int | None = None, decode_batch: int = 8, grid: bool = True, grid_size: int = 64,
-                  npz: bool = True, progress: bool = True) -> dict[str, Any]:
+                  npz: bool = True, progress: bool = True, prompts: Sequence[str] | None = None) -> dict[str, Any]:
     """Write samples 0 .. num-1 of a Generator to `out` as PNGs (+ grid.png, samples.npz, sample_config.yaml).
+
+    Text models: `prompts` take the place of classes (sample i gets prompt labels_for(i) of the list, by
+    label_order), each PNG gets its prompt beside it as NNNNNN.txt (the sidecar caption format of
+    ldm/data/captions.py, written before the PNG), grid.png its grid.txt and sample_config.yaml the list.
 
     sample_cfg (default gen.cfg.sample) gives sampler, steps, guidance and time grid; seed defaults to its seed.
     Sharded over the processes of torch.distributed (torchrun / accelerate launch): the indices still missing are
@@ -393,12 +423,13 @@ def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str |
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size
     run_cfg, classes = _check_request(gen, sample_cfg, num=num, seed=seed, batch_size=batch_size,
                                       decode_batch=decode_batch, grid_size=grid_size, classes=classes,
-                                      label_order=label_order)
+                                      label_order=label_order, prompts=prompts)
     batch_size = run_cfg.sample.batch_size  # min(--batch, --num): the same on any process count / resume
 
     out = FsPath(out)
     rank, world = dist_info()
-    identity = sample_identity(gen, sample_cfg, seed=seed, classes=classes, label_order=label_order, num=num)
+    identity = sample_identity(gen, sample_cfg, seed=seed, classes=classes, label_order=label_order, num=num,
+                               prompts=prompts, precision=sampling_precision(sample_cfg.precision, gen.device))
     check_sample_folder(out, identity)  # every process checks (read-only) so all fail together
     _barrier(world)
     if rank == 0:
@@ -422,7 +453,9 @@ def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str |
         labels = labels_for(idx, classes, seed=seed, order=label_order, num=num)
         images = generate_batch(gen, idx, labels, sample_cfg=sample_cfg, seed=seed, batch_size=batch_size,
                                 decode_batch=decode_batch)
-        for i, image in zip(idx, images):
+        for i, image, k in zip(idx, images, labels.tolist() if labels is not None else [None] * len(idx)):
+            if prompts is not None:  # the prompt first: a PNG that exists always has its caption
+                atomic_write_text(png_path(out, i).with_suffix(".txt"), prompts[k] + "\n")
             save_png(image, png_path(out, i))
         bar.update(len(idx))
     bar.close()
@@ -434,5 +467,5 @@ def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str |
                               "processes": world}
     if rank == 0:
         _finish_folder(out, result, num=num, classes=classes, seed=seed, label_order=label_order, grid=grid,
-                       grid_size=grid_size, npz=npz)
+                       grid_size=grid_size, npz=npz, prompts=prompts)
     return result

@@ -9,6 +9,11 @@ Where it came from (checkpoint, EMA or not, the run config) rides along for samp
 conversion (samplers.make_denoiser) -> time grid -> sampler. Noise comes from one torch.Generator per sample index
 (edm2's StackedRandomGenerator idea), so sample i is the same for any batch size or process count.
 
+Precision: sample.precision (auto = bf16 on CUDA and on CPUs with native bf16 matmul, fp32 elsewhere; ldm.precision)
+puts each network call and the tokenizer's decode under bf16 autocast, their outputs cast back to fp32; the sampler's
+state and updates stay fp32 (as the training loop's autocast covers the forward only). The choice and its reason are
+logged once per process. Whoever extracts FID features does so outside this scope, in fp32.
+
 Three ways to get one, all sampling through the same code:
     load_generator(run_or_checkpoint)              a run trained here (EMA weights by default)
     load_official_generator(kind, weights, ...)    released DiT / SiT / LightningDiT weights, sampled by default as
@@ -18,6 +23,7 @@ Three ways to get one, all sampling through the same code:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -30,8 +36,38 @@ from ldm.config import RunConfig, SampleCfg, TokenizerCfg, config_from_dict
 from ldm.diffusion.guidance import classifier_free_guidance, interval_from_sit_time
 from ldm.diffusion.paths import Path, get_path
 from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, sampler_options, sampler_times
+from ldm.precision import inference_autocast, resolve_inference_precision
 from ldm.seeding import index_generators
 from ldm.tokenizers.stats import LatentNormalizer, normalizer_for
+
+log = logging.getLogger(__name__)
+_ANNOUNCED: set[tuple[str, str]] = set()  # (precision, why) already logged by this process
+
+
+# ------------------------------------------------------------------------------------------------------ precision
+def sampling_precision(setting: str, device: torch.device | str) -> str:
+    """"bf16" | "fp32": what sample.precision=`setting` means on `device`; logged with its reason the first time
+    this process meets that choice (the header line of `ldm sample`, and of a training run's first grid or FID)."""
+    mode, why = resolve_inference_precision(setting, torch.device(device).type, "sample.precision")
+    if (mode, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((mode, why))
+        log.info("sampling precision %s (%s): the generator network and the tokenizer's decoder%s", mode, why,
+                 " run under bf16 autocast; the sampler's state and FID features stay fp32" if mode == "bf16" else
+                 " run in fp32")
+    return mode
+
+
+def _in_precision(model: Callable, mode: str, device_type: str) -> Callable:
+    """`model(x, t, y)` under bf16 autocast with an fp32 output when mode is "bf16"; `model` itself for fp32."""
+    if mode == "fp32":
+        return model
+
+    def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with inference_autocast(mode, device_type):
+            out = model(x, t, y)
+        return out.float()
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -42,8 +78,10 @@ def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None,
     """Integrate from `noise` (B, C, H, W) at t=1 to latents at t=0 with sample_cfg's sampler, steps and guidance.
 
     `model(x, t, y)` is the generator; y (B,) class ids (None for unconditional). Guidance applies when
-    sample_cfg.cfg_scale != 1 on class-conditional models; stochastic samplers draw from `generators`.
+    sample_cfg.cfg_scale != 1 on class-conditional models; stochastic samplers draw from `generators`. The network
+    runs in sample_cfg.precision (`sampling_precision`), the integration in fp32.
     """
+    model = _in_precision(model, sampling_precision(sample_cfg.precision, noise.device), noise.device.type)
     guided = sample_cfg.cfg_scale != 1.0
     if guided:
         if num_classes < 1 or y is None:
@@ -82,25 +120,58 @@ class Generator:
     checkpoint: FsPath | None = None      # where the weights came from (run checkpoint or weights file)
     used_ema: bool = False
     cfg: RunConfig | None = None          # the run config it was trained with (loaded generators; sample defaults)
+    text_encoder: nn.Module | None = None  # text models: the frozen ldm.encoders.text.TextEncoder of the prompts
+    prompts: list[str] | None = None      # text models: set_prompts(); labels are then prompt ids
+    _prompt_table: Any = None
+
+    @property
+    def num_prompts(self) -> int:
+        return 0 if self.prompts is None else len(self.prompts)
+
+    def set_prompts(self, prompts: Sequence[str]) -> Generator:
+        """Text models: encode `prompts`; from now on labels are prompt ids (0 .. P-1) and guidance treats the
+        prompts as classes (models/text_cond.PromptTable)."""
+        from ldm.models.text_cond import PromptTable, TextCondition
+
+        if self.text_encoder is None:
+            raise ValueError(f"--prompt needs a text-conditioned generator; {self.checkpoint} was trained without "
+                             f"text.encoder (use --classes for class-conditional models)")
+        prompts = [str(p) for p in prompts]
+        if not prompts or not all(p.strip() for p in prompts):
+            raise ValueError("--prompt / --prompts: give at least one non-empty prompt")
+        emb = self.text_encoder.encode(prompts)  # (P, L, D), (P, L), (P, Dp)
+        self.prompts = prompts
+        self._prompt_table = PromptTable(self.model, TextCondition(*(x.to(self.device) for x in emb)))
+        return self
 
     @property
     def device(self) -> torch.device:
         return self.normalizer.mean.device
 
     def to(self, device: str | torch.device) -> Generator:
-        for module in (self.model, self.normalizer, self.tokenizer):
-            module.to(device)
+        for module in (self.model, self.normalizer, self.tokenizer, self.text_encoder):
+            if module is not None:
+                module.to(device)
+        if self.prompts is not None:
+            self.set_prompts(self.prompts)
         return self
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
-        return self.tokenizer.decode(self.normalizer.denormalize(z))
+    def decode(self, z: torch.Tensor, *, precision: str = "fp32") -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> fp32 images (B, 3, H, W), roughly in [-1, 1]; the tokenizer decodes
+        under bf16 autocast when `precision` (a sample.precision setting) resolves to bf16 on this device."""
+        mode = sampling_precision(precision, self.device)
+        with inference_autocast(mode, self.device.type):
+            images = self.tokenizer.decode(self.normalizer.denormalize(z))
+        return images.float()
 
     def sample_latents(self, noise: torch.Tensor, labels: torch.Tensor | None, *, sample_cfg: SampleCfg,
                        generators: list[torch.Generator]) -> torch.Tensor:
         """`sample_latents` with this generator's network, path, prediction, classes and variance head."""
-        return sample_latents(self.model, noise, labels, path=self.path, prediction=self.prediction,
-                              sample_cfg=sample_cfg, num_classes=self.num_classes, learned_sigma=self.learned_sigma,
+        model, num_classes = self.model, self.num_classes
+        if self._prompt_table is not None:  # text models: labels are prompt ids, the prompts act as classes
+            model, num_classes = self._prompt_table, self.num_prompts
+        return sample_latents(model, noise, labels, path=self.path, prediction=self.prediction,
+                              sample_cfg=sample_cfg, num_classes=num_classes, learned_sigma=self.learned_sigma,
                               generators=generators)
 
     @torch.no_grad()
@@ -121,7 +192,7 @@ class Generator:
         self.model.eval()
         z = self.sample_latents(noise, labels, sample_cfg=sample_cfg, generators=gens)
         self.model.train(was_training)
-        return self.decode(z).clamp(-1, 1)
+        return self.decode(z, precision=sample_cfg.precision).clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
@@ -163,8 +234,11 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
                          f"{ckpt_dir} was trained with (fingerprint {meta['tokenizer_fingerprint']}, from "
                          f"{meta['tokenizer_source']!r})")
     latent_shape = tuple(meta["latent_shape"])
+    text = meta.get("text")  # text models: caption dims and the encoder's identity (GeneratorTask.describe)
     model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
-                                  num_classes=meta["num_classes"])
+                                  num_classes=meta["num_classes"],
+                                  caption=None if text is None else {k: text[k] for k in CAPTION_DIMS})
+    text_encoder = None if text is None else _load_text_encoder(cfg, text, ckpt_dir)
     normalizer = LatentNormalizer(meta["latent_norm"], latent_shape[0])
     # model.safetensors holds the training task's state: "model.*", the normaliser's buffers and (REPA) the
     # projector, which sampling does not need
@@ -178,8 +252,25 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
     model.eval()
     gen = Generator(model=model, normalizer=normalizer, tokenizer=tok, path=get_path(cfg.diffusion.path),
                     prediction=cfg.diffusion.prediction, num_classes=meta["num_classes"], latent_shape=latent_shape,
-                    learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg)
+                    learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg,
+                    text_encoder=text_encoder)
     return gen.to(device)
+
+
+CAPTION_DIMS = ("caption_dim", "caption_tokens", "pooled_dim")  # the DiT's text kwargs in a checkpoint's task facts
+
+
+def _load_text_encoder(cfg: RunConfig, text: dict, ckpt_dir) -> nn.Module:
+    """The frozen text encoder a text generator was trained with (text.encoder of its config), refused when its
+    fingerprint is not the recorded one."""
+    from ldm.encoders.text import load_text_encoder
+
+    enc = load_text_encoder(cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+    if enc.fingerprint != text["encoder_fingerprint"]:
+        raise ValueError(f"text encoder {enc.source!r} (fingerprint {enc.fingerprint}) is not the one generator "
+                         f"{ckpt_dir} was trained with (fingerprint {text['encoder_fingerprint']}, from "
+                         f"{text['encoder_source']!r})")
+    return enc
 
 
 # How each official family was trained (ldm/models/checkpoints.py converts its network to OUR time) and the sampler
@@ -230,6 +321,9 @@ def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str 
     if tokenizer is None:
         raise ValueError(f"--official {kind} needs --tokenizer FOLDER: the VAE its latents come from (diffusers "
                          f"AutoencoderKL folder or ldm tokenizer export)")
+    from ldm.hub import resolve_path
+
+    weights = resolve_path(weights)  # a file, or an hf://org/name[@rev]/file reference
     model = load_official(weights, kind)
     tok = load_tokenizer(tokenizer)
     if tok.latent_channels != model.in_channels:
@@ -243,6 +337,3 @@ def load_official_generator(kind: str, weights: str | FsPath, *, tokenizer: str 
                     latent_shape=(model.in_channels, model.input_size, model.input_size),
                     learned_sigma=cfg.model.learn_sigma, checkpoint=FsPath(weights), used_ema=True, cfg=cfg)
     return gen.to(device)
-    from ldm.hub import resolve_path
-
-    weights = resolve_path(weights)  # a file, or an hf://org/name[@rev]/file reference

@@ -56,6 +56,7 @@ from ldm.models.layers import (
     sincos_pos_embed_2d,
     swiglu_hidden,
 )
+from ldm.models.text_cond import CaptionEmbedder, CrossAttention, TextCondition
 
 
 def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
@@ -94,11 +95,13 @@ class DiTBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, *, use_swiglu: bool, use_rmsnorm: bool, use_qknorm: bool,
-        attn_backend: str,
+        attn_backend: str, cross_attention: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = _norm(dim, use_rmsnorm)
         self.attn = Attention(dim, num_heads, use_qknorm=use_qknorm, use_rmsnorm=use_rmsnorm, backend=attn_backend)
+        # text models: PixArt-alpha's cross-attention to the caption tokens, after self-attention (text_cond.py)
+        self.cross_attn = CrossAttention(dim, num_heads) if cross_attention else None
         self.norm2 = _norm(dim, use_rmsnorm)
         if use_swiglu:
             self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
@@ -106,10 +109,13 @@ class DiTBlock(nn.Module):
             self.mlp = GeluMlp(dim, int(dim * mlp_ratio))
         self.ada_ln = nn.Linear(dim, 6 * dim)  # applied to SiLU(c)
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None):
         mod = self.ada_ln(c_act).unsqueeze(1)  # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # (B, 1, D) each
         x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))  # (B, L, D)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, *context)  # (B, L, D); context = (caption tokens (B, S, D), mask (B, S))
         x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))  # (B, L, D)
         return x
 
@@ -134,6 +140,11 @@ class DiT(nn.Module):
     Label ids are 0..num_classes-1; id num_classes is the null label used for classifier-free guidance. During
     training (`self.training`) labels are replaced by the null id with probability `class_dropout_prob`, drawn from
     `generator` or torch's global RNG; `force_drop` (B,) bool forces it in any mode. y=None means all null labels.
+
+    Text-conditioned (caption_dim set, num_classes=0; ldm/models/text_cond.py, PixArt-alpha): y is a TextCondition
+    (caption tokens (B, caption_tokens, caption_dim), mask, pooled (B, pooled_dim)); every block cross-attends to the
+    projected caption tokens and the pooled embedding joins the adaLN condition; captions drop to the learned null
+    caption as labels drop (class_dropout_prob, force_drop, generator); y=None means all null captions.
     """
 
     def __init__(
@@ -159,11 +170,17 @@ class DiT(nn.Module):
         attn_backend: str = "sdpa",
         grad_checkpointing: bool = False,
         use_compile: bool = False,
+        caption_dim: int | None = None,
+        caption_tokens: int = 0,
+        pooled_dim: int | None = None,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         check_label_settings(num_classes, class_dropout_prob)
+        if caption_dim is not None and (num_classes or caption_tokens < 1):
+            raise ValueError(f"a text-conditioned DiT (caption_dim={caption_dim}) takes num_classes=0 (got "
+                             f"{num_classes}) and caption_tokens >= 1 (got {caption_tokens})")
         if repa_depth is not None and not 1 <= repa_depth <= depth:
             raise ValueError(f"repa_depth={repa_depth}; expected a block index in [1, depth={depth}]")
         check_attention_backend(attn_backend)
@@ -182,6 +199,8 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid)[None])  # (1, L, D), fixed
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        self.caption_embedder = (None if caption_dim is None else
+                                 CaptionEmbedder(caption_dim, caption_tokens, hidden_size, pooled_dim=pooled_dim))
         if use_rope:
             angles = rope_2d_angles(hidden_size // num_heads, grid)  # (L, Dh/2)
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
@@ -190,7 +209,7 @@ class DiT(nn.Module):
             self.rope_cos = self.rope_sin = None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm,
-                     use_qknorm=use_qknorm, attn_backend=attn_backend)
+                     use_qknorm=use_qknorm, attn_backend=attn_backend, cross_attention=caption_dim is not None)
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
@@ -218,6 +237,11 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.caption_embedder is not None:  # PixArt-alpha: caption MLP N(0, 0.02^2), cross-attention output zero
+            self.caption_embedder.initialize_weights()
+            for block in self.blocks:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         # adaLN-Zero: every block's modulation starts at zero, so gates are 0 and each block is the identity.
         for block in self.blocks:
             nn.init.zeros_(block.ada_ln.weight)
@@ -245,6 +269,20 @@ class DiT(nn.Module):
                              device=t.device, net="DiT")  # (B,) or None
         return c if y is None else c + self.y_embedder(y)  # (B, D)
 
+    def embed_caption(
+        self, t: torch.Tensor, y: TextCondition | None, force_drop: torch.Tensor | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Text models: (c = emb(t) + pooled projection (B, D), (caption tokens (B, S, D), mask (B, S))) after
+        caption dropout (text_cond.CaptionEmbedder)."""
+        if y is not None and not isinstance(y, TextCondition):
+            raise ValueError("this DiT is text-conditioned: y must be a TextCondition (caption embeddings) or None")
+        c = self.t_embedder(self.t_shift + self.t_scale * t)  # (B, D)
+        pooled, tokens, mask = self.caption_embedder(
+            y, batch=t.shape[0], drop_prob=self.class_dropout_prob if self.training else 0.0, force_drop=force_drop,
+            generator=generator, device=t.device)
+        return (c if pooled is None else c + pooled), (tokens, mask)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -261,14 +299,19 @@ class DiT(nn.Module):
             raise ValueError("return_hidden=True needs a DiT built with repa_depth=k (the block whose output is used)")
 
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D)
-        c_act = F.silu(self.embed_condition(t, y, force_drop, generator))  # (B, D)
+        context = None
+        if self.caption_embedder is None:
+            c_act = F.silu(self.embed_condition(t, y, force_drop, generator))  # (B, D)
+        else:
+            c, context = self.embed_caption(t, y, force_drop, generator)  # (B, D), ((B, S, D), (B, S))
+            c_act = F.silu(c)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         hidden = None
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c_act, rope, use_reentrant=False)  # (B, L, D)
+                h = checkpoint(block, h, c_act, rope, context, use_reentrant=False)  # (B, L, D)
             else:
-                h = block(h, c_act, rope)  # (B, L, D)
+                h = block(h, c_act, rope, context)  # (B, L, D)
             if i + 1 == self.repa_depth:
                 hidden = h
         out = self.unpatchify(self.final_layer(h, c_act))  # (B, C_out, H, W)

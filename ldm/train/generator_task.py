@@ -6,7 +6,9 @@ cases, so the same batch gives the same loss either way). They are normalised by
 the task, so they are stored in every generator checkpoint and used unchanged at decode time.
 
 The task holds the loss and the parameter groups. The loss is `ldm.diffusion.objectives.training_loss` (diffusion or
-flow matching, t=0 data, t=1 noise), plus REPA's alignment term when `diffusion.repa` is on.
+flow matching, t=0 data, t=1 noise), plus the auxiliary terms switched on (ldm/train/generator_terms.py: REPA's
+alignment, the latent perceptual loss, the pixel-space loss). `train.init_from` starts from another run's weights
+(ldm/train/init_from.py).
 
 Per-sample draws (STYLE.md §5): each sample's time t and noise come from a generator keyed by its "sample_seed"
 (ldm.data.sampler: hash of the run seed, the stream position and the global sample index), its CFG label dropout
@@ -29,9 +31,16 @@ from ldm.data.latents import CacheMeta, LatentCacheDataset, read_cache_meta
 from ldm.data.sampler import sample_generators
 from ldm.diffusion.objectives import training_loss
 from ldm.diffusion.paths import get_path
-from ldm.eval.generator import Generator, tokenizer_path
+from ldm.eval.generator import CAPTION_DIMS, Generator, tokenizer_path
 from ldm.frozen import HoldsFrozen
+from ldm.models.text_cond import TextCondition
 from ldm.tokenizers.stats import LatentNormalizer, normalizer_for
+from ldm.train.generator_terms import (
+    StepContext,
+    build_generator_terms,
+    check_decoder_terms,
+)
+from ldm.train.init_from import init_generator_from
 from ldm.train.task import StepOutput, Task
 
 
@@ -48,13 +57,16 @@ class GeneratorTask(HoldsFrozen, Task):
     def __init__(self, model: nn.Module, tokenizer: nn.Module, normalizer: LatentNormalizer, *,
                  diffusion: DiffusionCfg, learned_sigma: bool, num_classes: int, latent_shape: tuple[int, int, int],
                  sample: SampleCfg, eval_cfg: EvalCfg, fid_reference: str | None, image_size: int,
-                 projector: nn.Module | None = None, encoder: nn.Module | None = None, per_sample_draws: bool = True):
+                 projector: nn.Module | None = None, encoder: nn.Module | None = None, per_sample_draws: bool = True,
+                 text_encoder: nn.Module | None = None, caption: dict | None = None, prompts: list[str] | None = None):
         super().__init__()
         self.model = model
         self.normalizer = normalizer
         self.projector = projector
         self.add_frozen("tokenizer", tokenizer)
         self.add_frozen("encoder", encoder)
+        self.add_frozen("text_encoder", text_encoder)  # text models: encodes the grid prompts (captions are cached)
+        self.caption, self.prompts = caption, prompts  # the DiT's caption dims; prompts of the sample grids
         self.diffusion, self.sample, self.eval_cfg = diffusion, sample, eval_cfg
         self.fid_reference, self.image_size = fid_reference, image_size
         self.learned_sigma = learned_sigma
@@ -62,6 +74,8 @@ class GeneratorTask(HoldsFrozen, Task):
         self.latent_shape = tuple(latent_shape)
         self.path, self.prediction = get_path(diffusion.path), diffusion.prediction
         self.per_sample_draws = per_sample_draws
+        self.terms = build_generator_terms(diffusion, path=self.path, tokenizer=tokenizer, normalizer=normalizer,
+                                           projector=projector, encoder=encoder)  # ldm/train/generator_terms.py
 
     @property
     def tokenizer(self) -> nn.Module:
@@ -95,7 +109,8 @@ class GeneratorTask(HoldsFrozen, Task):
         tok = self.tokenizer
         return {"kind": "generator", "latent_shape": list(self.latent_shape), "num_classes": self.num_classes,
                 "tokenizer_source": str(tok.source), "tokenizer_fingerprint": tok.fingerprint,
-                "latent_norm": self.normalizer.kind, "draws": "per_sample" if self.per_sample_draws else "global"}
+                "latent_norm": self.normalizer.kind, "draws": "per_sample" if self.per_sample_draws else "global",
+                **({"text": self.caption} if self.caption is not None else {})}
 
     def resume_facts(self, saved: dict) -> None:
         """Continue a checkpoint as it was trained: one written before per-sample draws (no "draws" in its task
@@ -111,6 +126,8 @@ class GeneratorTask(HoldsFrozen, Task):
         d = self.diffusion
         x0 = self.latents(batch)  # (B, C, h, w)
         y = batch["label"] if self.num_classes > 0 else None
+        if self.caption is not None:  # text models: the item's caption embeddings (ldm/data/captions.py)
+            y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
         hidden = {}
         draws, labels = None, {}  # torch's global RNG (see the module docstring)
         if self.per_sample_draws and "sample_seed" in batch:
@@ -125,20 +142,18 @@ class GeneratorTask(HoldsFrozen, Task):
             return out.output
 
         timesteps = None if d.path.startswith("ddpm") else d.t_sampler
+        state = {}  # x_t, t, noise, out
         loss, logs = training_loss(model_fn, x0, path=self.path, prediction=self.prediction, generator=draws,
                                    timesteps=timesteps, logit_mean=d.t_mean, logit_std=d.t_std, shift=d.t_shift,
                                    weighting=None if d.weighting == "none" else d.weighting,
                                    min_snr_gamma=d.min_snr_gamma, cos_loss_weight=d.cos_loss_weight,
-                                   learned_sigma=self.learned_sigma)
+                                   learned_sigma=self.learned_sigma, state=state)
         total = loss.mean()
-        if self.projector is not None:
-            from ldm.diffusion.repa import repa_loss
-
-            with torch.no_grad():
-                feats = self.frozen("encoder")(batch["image"])  # (B, L_enc, D_enc)
-            proj = repa_loss(self.projector(hidden["h"]), feats)  # (B,)
-            total = total + d.repa_weight * proj.mean()
-            logs["repa"] = proj.detach().mean()
+        ctx = StepContext(batch=batch, step=step, x0=x0, hidden=hidden, **state)
+        for term in self.terms:  # auxiliary losses: REPA, LPL, pixel loss (ldm/train/generator_terms.py)
+            value, term_logs = term(ctx)
+            total = total if value is None else total + value
+            logs.update(term_logs)
         return StepOutput(total, {k: float(v) for k, v in logs.items()})
 
     # -------------------------------------------------------------------------------------------------- sampling
@@ -147,7 +162,7 @@ class GeneratorTask(HoldsFrozen, Task):
         return Generator(model=self.model if model is None else model, normalizer=self.normalizer,
                          tokenizer=self.tokenizer, path=self.path, prediction=self.prediction,
                          num_classes=self.num_classes, latent_shape=self.latent_shape,
-                         learned_sigma=self.learned_sigma)
+                         learned_sigma=self.learned_sigma, text_encoder=self.frozen("text_encoder"))
 
     @torch.no_grad()
     def generate(self, model: nn.Module, labels: torch.Tensor | None, indices: list[int], seed: int) -> torch.Tensor:
@@ -169,6 +184,8 @@ class GeneratorTask(HoldsFrozen, Task):
         e, gen = self.eval_cfg, self.generator(ema)
         rank, world = dist_info()
         classes = list(range(self.num_classes)) if self.num_classes else None
+        if self.prompts and gen.text_encoder is not None:  # text models: the grid prompts take the place of classes
+            classes = list(range(gen.set_prompts(self.prompts).num_prompts))
         seed = self.sample.seed + 1
 
         def batches():
@@ -194,6 +211,10 @@ class GeneratorTask(HoldsFrozen, Task):
         cols = min(self.num_classes, 10) if self.num_classes else 8
         rows = 4
         labels = torch.arange(cols).repeat(rows).to(gen.device) if self.num_classes else None
+        if self.prompts and gen.text_encoder is not None:  # text models: one prompt per column
+            gen.set_prompts(self.prompts[:10])
+            cols = gen.num_prompts
+            labels = torch.arange(cols).repeat(rows).to(gen.device)
         images = gen.generate(labels, list(range(rows * cols)), self.sample.seed, sample_cfg=self.sample)
         return make_grid(images, nrow=cols)
 
@@ -209,6 +230,7 @@ def build_generator_task(cfg: RunConfig):
     from ldm.tokenizers.export import load_tokenizer
 
     d = cfg.diffusion
+    check_decoder_terms(cfg)
     tok_path = tokenizer_path(cfg.tokenizer)
     if cfg.data.latents is not None:
         if d.repa:
@@ -236,8 +258,13 @@ def build_generator_task(cfg: RunConfig):
         stats_images = _stat_batches(dataset, cfg.tokenizer.stats_num_images)
     normalizer = normalizer_for(tokenizer, kind=d.latent_norm, scaling_factor=d.scaling_factor, images=stats_images,
                                 num_images=cfg.tokenizer.stats_num_images)
+    text_encoder = caption = prompts = None
+    if cfg.text.encoder is not None:  # text-to-image: captions replace the class labels
+        dataset, text_encoder, caption, prompts = _caption_dataset(cfg, dataset)
+        num_classes = 0
     model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
-                                  num_classes=num_classes, repa_depth=d.repa_depth if d.repa else None)
+                                  num_classes=num_classes, repa_depth=d.repa_depth if d.repa else None,
+                                  caption=None if caption is None else {k: caption[k] for k in CAPTION_DIMS})
     projector = encoder = None
     if d.repa:
         from ldm.diffusion.repa import build_projector
@@ -248,8 +275,51 @@ def build_generator_task(cfg: RunConfig):
     task = GeneratorTask(model, tokenizer, normalizer, diffusion=d, learned_sigma=cfg.model.learn_sigma,
                          num_classes=num_classes, latent_shape=latent_shape, sample=cfg.sample, eval_cfg=cfg.eval,
                          fid_reference=cfg.eval.reference or cfg.data.source, image_size=cfg.data.image_size,
-                         projector=projector, encoder=encoder)
+                         projector=projector, encoder=encoder, text_encoder=text_encoder, caption=caption,
+                         prompts=prompts)
+    init_generator_from(task, cfg)  # train.init_from: another generator run's weights (ldm/train/init_from.py)
     return task, dataset
+
+
+def _caption_dataset(cfg: RunConfig, dataset):
+    """Text models: (the dataset with each item's caption embeddings, the frozen text encoder, the caption facts
+    recorded with the checkpoint, the grid prompts). Caption embeddings come from the cache text.cache (default
+    <data.latents>/captions; built by process 0 if missing, refused if another encoder made it) or, without a latent
+    cache or text.cache, are computed in memory."""
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from ldm.data.captions import (CaptionedDataset, build_caption_cache, caption_set_for, encode_captions,
+                                   read_caption_cache)
+    from ldm.data.sources import open_source
+    from ldm.encoders.text import load_text_encoder
+
+    t = cfg.text
+    if cfg.diffusion.repa:
+        raise ConfigError("text.encoder and diffusion.repa are not combined; set diffusion.repa=false")
+    encoder = load_text_encoder(t.encoder, max_tokens=t.max_tokens)
+    captions = caption_set_for(open_source(cfg.data.source, cfg.data.image_size), t.captions)
+    cache = t.cache or (str(Path(cfg.data.latents) / "captions") if cfg.data.latents is not None else None)
+    if cache is None:
+        embeddings = encode_captions(encoder.encode, captions.texts, batch_size=t.batch_size, dtype=t.cache_dtype)
+    else:
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.is_main_process:
+            build_caption_cache(encoder, captions, cache, batch_size=t.batch_size, dtype=t.cache_dtype)
+        state.wait_for_everyone()
+        embeddings = read_caption_cache(cache, expected_fingerprint=encoder.fingerprint, captions=captions)
+    caption = {"caption_dim": encoder.token_dim, "caption_tokens": t.max_tokens,
+               "pooled_dim": encoder.pooled_dim if t.use_pooled else None,
+               "encoder_source": encoder.source, "encoder_fingerprint": encoder.fingerprint}
+    prompts: list[str] = []
+    for i in range(len(captions)):  # the first caption of each image until 10 distinct ones: the digits 0..9
+        first = captions.captions_of(i)[0]
+        if first not in prompts:
+            prompts.append(first)
+        if len(prompts) == 10:
+            break
+    return CaptionedDataset(dataset, captions, embeddings), encoder, caption, prompts
 
 
 def _check_patch(model_cfg, latent_size: int, origin: str, downsample: int | None = None) -> None:
@@ -296,13 +366,18 @@ def _refuse_contradicting_keys(cfg: RunConfig, meta: CacheMeta) -> None:
 
 def _cache_facts(cfg: RunConfig, meta: CacheMeta) -> list[tuple[str, object, object, str]]:
     """(config key, the config's value, the cache's value, what the cache holds) for each key a cache fixes."""
-    channels_key = "tokenizer.vq.code_dim" if meta.tokenizer_kind == "vq" else "tokenizer.latent_channels"
-    channels = cfg.tokenizer.vq.code_dim if meta.tokenizer_kind == "vq" else cfg.tokenizer.latent_channels
+    from ldm.tokenizers.kinds import get_kind
+
+    # the key of the cache's kind that sets the generator's channels (kl: latent_channels, vq: vq.code_dim, fsq:
+    # fsq.levels, one channel per level); a list-valued key agrees when its length does
+    channels_key, value, count = get_kind(meta.tokenizer_kind).configured_latent_channels(cfg.tokenizer)
+    c = meta.latent_shape[0]
+    cached = value if count == c else (c if isinstance(value, int) else f"a list of {c}")
     return [("data.image_size", cfg.data.image_size, meta.image_size, f"{meta.image_size} px images"),
             ("data.crop", cfg.data.crop, meta.crop, f"{meta.crop} crops"),
             ("tokenizer.kind", cfg.tokenizer.kind, meta.tokenizer_kind,
              f"latents of a {meta.tokenizer_kind} tokenizer"),
-            (channels_key, channels, meta.latent_shape[0], f"{meta.latent_shape[0]}-channel latents")]
+            (channels_key, value, cached, f"{c}-channel latents")]
 
 
 def _same_data(source: str, meta: CacheMeta) -> bool:
