@@ -236,7 +236,7 @@ def test_cache_encodes_in_bf16_on_a_bf16_cpu_records_it_and_is_not_continued_in_
 
     native_bf16(True)
     tok = ProbeEncoder()
-    with caplog.at_level(logging.INFO, logger="ldm"):
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
         meta = _cache(tok, images, tmp_path / "c", "auto")
     assert meta.precision == "bf16" and set(tok.calls) == {torch.bfloat16}
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["precision"] == "bf16"

@@ -33,7 +33,6 @@ Time convention at the boundary (ours: t = 0 data, t = 1 noise, paths.py):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import diffusers
@@ -281,8 +280,7 @@ class LdmLatentPipeline(DiffusionPipeline):
         if isinstance(self.scheduler, LdmSamplerScheduler):
             s.update(dict(self.scheduler.config))
         s = {k: v for k, v in s.items() if not k.startswith("_")}
-        if "precision" in {f.name for f in dataclasses.fields(SampleCfg)}:
-            s["precision"] = "fp32"  # the network runs in the pipeline's dtype (from_pretrained(torch_dtype=...))
+        s["precision"] = "fp32"  # the network runs in the pipeline's dtype (from_pretrained(torch_dtype=...))
         return SampleCfg(**s)
 
     @torch.no_grad()
