@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, run_python
 
 
+@pytest.mark.slow  # ~22 s: every section of bench/gpu.py at toy sizes on the CPU
 def test_gpu_smoke_writes_every_section(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from gpu import SECTIONS

@@ -83,6 +83,7 @@ def test_eps_prediction_ddpm_learns(tmp_path, vae_dir):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow  # ~15 s; the DiT tests train the same task through the same GENERATORS seam
 def test_unet_learns(tmp_path, vae_dir):
     before, after, task, _ = _train_and_compare(tmp_path, vae_dir, 120, "model.arch=unet",
                                                 "model.unet_block_out_channels=[32,64]", "model.unet_layers_per_block=1")

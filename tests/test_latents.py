@@ -243,6 +243,7 @@ def test_cli_bad_argument_is_one_line(capsys):
     assert "--batch=0 must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~25 s; the default suite's two-process cache check is test_latent_cache_checks' CLI test
 def test_two_processes_write_the_same_files_as_one(tok_dir, npz, tmp_path):
     args = ["cache-latents", "--tokenizer", str(tok_dir), "--data", str(npz), "--image-size", str(SIZE), "--flip",
             "--batch", str(BATCH), "--shard-size", str(SHARD), "--no-progress"]

@@ -5,8 +5,9 @@ with EQ-VAE, DC-AE and FSQ; the GAN off). Per-sample draws come from the sampler
 the EQ-VAE transform from (seed, step). With the GAN on the stages differ by design (docs/multi-gpu.md): the
 discriminator's BatchNorm statistics and the adaptive weight are per process.
 
-Run as a script (`python tests/test_process_count.py RUN_ROOT VAE_DIR`, under torch.distributed.run or not), this
-file is the worker: it trains the runs of RUNS one after the other in one interpreter.
+Run as a script (`python tests/test_process_count.py RUN_ROOT VAE_DIR NAME[,NAME...]`, under torch.distributed.run
+or not), this file is the worker: it trains the named runs of RUNS one after the other in one interpreter. The
+default suite checks the stages (flow, eps, KL tokenizer); the other tokenizer kinds are slow-marked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,12 +51,13 @@ PER_PROCESS = ("running_mean", "running_var")
 TOLERANCE = 2e-5  # float reduction order (DDP's gradient all-reduce, batch means over B/2 + B/2 instead of B)
 
 
-def worker(run_root: str, vae_dir: str) -> None:
+def worker(run_root: str, vae_dir: str, names: str) -> None:
     sys.path.insert(0, str(REPO))
     from ldm.config import load_config
     from ldm.train.loop import fit
 
-    for name, extra in RUNS.items():
+    for name in names.split(","):
+        extra = RUNS[name]
         vae = [f"tokenizer.pretrained={vae_dir}"] if extra[0] == "stage=generator" else []
         fit(load_config(None, [*COMMON, *extra, *vae, f"name={name}", f"train.run_root={run_root}"]), progress=False)
 
@@ -65,7 +68,7 @@ def _weights(root: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(root / name / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
 
 
-def test_one_and_two_processes_train_the_same_weights(tmp_path):
+def _one_and_two_processes(tmp_path: Path, names: list[str]) -> None:
     from conftest import run_python
 
     from ldm.tokenizers.kl import build_autoencoder_kl
@@ -74,12 +77,12 @@ def test_one_and_two_processes_train_the_same_weights(tmp_path):
     vae = tmp_path / "vae"
     build_autoencoder_kl(latent_channels=4, block_out_channels=[16, 16], layers_per_block=1,
                          norm_num_groups=8).save_pretrained(vae)
-    run_python([__file__, str(tmp_path / "one"), str(vae)], timeout=600)
+    run_python([__file__, str(tmp_path / "one"), str(vae), ",".join(names)], timeout=600)
     two = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path / "two"),
-                      str(vae)], timeout=600)
+                      str(vae), ",".join(names)], timeout=600)
     assert "2 processes" in two.stdout + two.stderr
     diffs = {}
-    for name in RUNS:
+    for name in names:
         one, other = _weights(tmp_path / "one", name), _weights(tmp_path / "two", name)
         assert one.keys() == other.keys()
         compared = [k for k in one if not k.endswith(PER_PROCESS)]
@@ -88,5 +91,14 @@ def test_one_and_two_processes_train_the_same_weights(tmp_path):
     print("max |w1 - w2| per run:", diffs)
 
 
+def test_one_and_two_processes_train_the_same_weights(tmp_path):
+    _one_and_two_processes(tmp_path, ["flow", "eps", "tokenizer"])
+
+
+@pytest.mark.slow  # ~25 s more: two more tokenizer kinds
+def test_other_tokenizer_kinds_train_the_same_weights_on_one_and_two_processes(tmp_path):
+    _one_and_two_processes(tmp_path, ["dc", "fsq"])
+
+
 if __name__ == "__main__":
-    worker(*sys.argv[1:3])
+    worker(*sys.argv[1:4])
