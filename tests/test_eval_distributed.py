@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,7 @@ def worker(out: str, samples: str, ref: str) -> None:
         Path(out).write_text(json.dumps({"world": world, "gen": gen, "rec": rec}))
 
 
+@pytest.mark.slow  # ~33 s of torchrun; the default run's two-process checks are sampling, the cache and training
 def test_one_and_two_processes_agree(tmp_path):
     from conftest import run_python
 
