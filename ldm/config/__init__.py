@@ -17,7 +17,14 @@ train.allow_changes.
 """
 
 from ldm.config.loading import as_container, config_from_dict, help_lines, load_config, save_config, to_yaml  # noqa: F401
-from ldm.config.resume import RESUME_MAY_CHANGE, Change, format_refusal, may_change_on_resume, resume_changes  # noqa: F401
+from ldm.config.resume import (  # noqa: F401
+    RESUME_MAY_CHANGE,
+    Change,
+    flatten_keys,
+    format_refusal,
+    may_change_on_resume,
+    resume_changes,
+)
 from ldm.config.schema import (  # noqa: F401
                                 PIPELINE_STAGES,
                                 SAMPLE_NON_IDENTITY_FIELDS,

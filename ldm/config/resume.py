@@ -80,12 +80,12 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(node: Mapping, prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}; lists are values, compared whole."""
     out: dict[str, Any] = {}
     for key, value in node.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = _plain(value)
     return out
@@ -98,8 +98,8 @@ def resume_changes(saved: Mapping, cfg: RunConfig) -> tuple[list[Change], list[C
     written) compares as its schema default, so old checkpoints resume unchanged; a saved key the schema no longer
     has is ignored."""
     refuse_joint_stage_change(saved, cfg)
-    new = _flatten(as_container(cfg))
-    old = {**_flatten(as_container(type(cfg)())), **_flatten(saved)}
+    new = flatten_keys(as_container(cfg))
+    old = {**flatten_keys(as_container(type(cfg)())), **flatten_keys(saved)}
     allowed: list[Change] = []
     refused: list[Change] = []
     for key, value in new.items():

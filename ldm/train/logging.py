@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, flatten_keys
 
 IDS_FILE = "trackers.json"
 EXTRAS = ("wandb", "mlflow")  # trackers with an extra of their own in pyproject.toml
@@ -91,15 +91,9 @@ _INIT_KWARGS: dict[str, Callable[[Path, str, str | None], dict[str, Any]]] = {"w
 _RUN_ID: dict[str, Callable[[Any], str]] = {"wandb": lambda t: t.run.id, "mlflow": lambda t: t.active_run.info.run_id}
 
 
-def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}, lists as text: the flat str/number values trackers store."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value) if isinstance(value, (list, tuple)) else value
-    return out
+def _tracker_config(config: dict) -> dict[str, Any]:
+    """The flat str/number values trackers store: dotted keys (ldm.config.flatten_keys), lists as text."""
+    return {k: str(v) if isinstance(v, list) else v for k, v in flatten_keys(config).items()}
 
 
 def _grid_hwc(grid: torch.Tensor) -> np.ndarray:
@@ -178,7 +172,7 @@ def _start_trackers(accelerator, names: list[str], run_dir: Path, project: str, 
     ids_file = run_dir / IDS_FILE
     ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
     init_kwargs = {n: _INIT_KWARGS[n](run_dir, run_name, ids.get(n)) for n in names if n in _INIT_KWARGS}
-    accelerator.init_trackers(project, config=_flat(config) if config is not None else None, init_kwargs=init_kwargs)
+    accelerator.init_trackers(project, config=_tracker_config(config) if config is not None else None, init_kwargs=init_kwargs)
     trackers = [t for t in accelerator.trackers if t.name in names]
     ids.update({t.name: _RUN_ID[t.name](t) for t in trackers if t.name in _RUN_ID})
     if ids:
