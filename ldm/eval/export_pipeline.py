@@ -55,10 +55,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ldm.config import ModelCfg, SampleCfg
-from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.paths import DiscretePath, Path, get_path, prediction_target
-from ldm.diffusion.samplers import get_sampler, make_denoiser
-from ldm.eval.generator import initial_noise, sample_latents
+from ldm.diffusion.samplers import get_sampler
+from ldm.eval.generator import guided_denoiser, initial_noise, sample_latents
 from ldm.models.dit import DiT
 from ldm.models.layers import GeluMlp, timestep_embedding
 from ldm.tokenizers.stats import LatentNormalizer
@@ -334,17 +333,10 @@ class LdmLatentPipeline(DiffusionPipeline):
                         generator) -> torch.Tensor:
         """Integrate with the diffusers scheduler, converting its time and model-output conventions (module
         docstring); the network's output goes through the same guidance and prediction conversion as ldm's
-        samplers (guidance.classifier_free_guidance, samplers.make_denoiser)."""
+        samplers (generator.guided_denoiser)."""
         cfg, sched = self.transformer.config, self.scheduler
-        guided = sample_cfg.cfg_scale != 1.0
-        if guided:
-            model_fn = classifier_free_guidance(model, y, num_classes=cfg.num_classes, scale=sample_cfg.cfg_scale,
-                                                interval=tuple(sample_cfg.interval), channels=sample_cfg.cfg_channels,
-                                                learned_sigma=cfg.learned_sigma, rule=sample_cfg.guidance_rule)
-        else:
-            model_fn = lambda x_, t_: model(x_, t_, y)
-        denoise = make_denoiser(model_fn, path=path, prediction=cfg.prediction, learned_sigma=cfg.learned_sigma,
-                                step_aware=guided)
+        denoise = guided_denoiser(model, y, path=path, prediction=cfg.prediction, sample_cfg=sample_cfg,
+                                  num_classes=cfg.num_classes, learned_sigma=cfg.learned_sigma)
         flow = isinstance(sched, FlowMatchEulerDiscreteScheduler)
         n = sample_cfg.steps
         if flow:

@@ -82,6 +82,17 @@ def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None,
     runs in sample_cfg.precision (`sampling_precision`), the integration in fp32.
     """
     model = _in_precision(model, sampling_precision(sample_cfg.precision, noise.device), noise.device.type)
+    denoise = guided_denoiser(model, y, path=path, prediction=prediction, sample_cfg=sample_cfg,
+                              num_classes=num_classes, learned_sigma=learned_sigma)
+    sampler = get_sampler(sample_cfg.sampler)
+    return sampler(denoise, noise, sampler_times(sample_cfg, path), path=path, generator=generators,
+                   **sampler_options(sample_cfg, learned_sigma))
+
+
+def guided_denoiser(model: Callable, y: torch.Tensor | None, *, path: Path, prediction: str, sample_cfg: SampleCfg,
+                    num_classes: int, learned_sigma: bool = False) -> Callable:
+    """The denoiser every sampler integrates: `model(x, t, y)` under sample_cfg's classifier-free guidance (when
+    cfg_scale != 1), its output converted from `prediction` (samplers.make_denoiser)."""
     guided = sample_cfg.cfg_scale != 1.0
     if guided:
         if num_classes < 1 or y is None:
@@ -91,12 +102,10 @@ def sample_latents(model: Callable, noise: torch.Tensor, y: torch.Tensor | None,
                                             interval=tuple(sample_cfg.interval), channels=sample_cfg.cfg_channels,
                                             learned_sigma=learned_sigma, rule=sample_cfg.guidance_rule)
     else:
-        model_fn = (lambda x, t: model(x, t, y)) if y is not None else (lambda x, t: model(x, t, None))
-    denoise = make_denoiser(model_fn, path=path, prediction=prediction, learned_sigma=learned_sigma,
-                            step_aware=guided)  # the guidance wrapper reads the step start (sample.guidance_rule)
-    sampler = get_sampler(sample_cfg.sampler)
-    return sampler(denoise, noise, sampler_times(sample_cfg, path), path=path, generator=generators,
-                   **sampler_options(sample_cfg, learned_sigma))
+        def model_fn(x, t):
+            return model(x, t, y)
+    return make_denoiser(model_fn, path=path, prediction=prediction, learned_sigma=learned_sigma,
+                         step_aware=guided)  # the guidance wrapper reads the step start (sample.guidance_rule)
 
 
 def initial_noise(shape: Sequence[int], generators: list[torch.Generator], device: torch.device | str) -> torch.Tensor:
