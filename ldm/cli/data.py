@@ -161,9 +161,10 @@ samples) for training with data.source set to the brace pattern this command pri
 
 Images are copied as they are (file bytes, not decoded or re-encoded; .npz arrays and the digits become lossless
 PNGs), in the source's order (a compressed tar: its own member order, read in one pass), with their class labels
-(key.cls) and original names (key.json). Each shard's index (.index.npz beside it) is written last and marks it
-finished; a re-run of the same command keeps finished shards. Under a distributed launch shard s is written by
-process s mod world; the files are the same for any number of processes. See docs/data.md."""
+(key.cls), original names (key.json) and the captions the source stores (key.txt; see --captions). Each shard's
+index (.index.npz beside it) is written last and marks it finished; a re-run of the same command keeps finished
+shards. Under a distributed launch shard s is written by process s mod world; the files are the same for any number
+of processes. See docs/data.md."""
 
 
 def register_make_shards(subparsers) -> None:
@@ -179,6 +180,10 @@ def register_make_shards(subparsers) -> None:
     p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
     p.add_argument("--image-size", type=int, default=DataCfg().image_size, metavar="S",
                    help="digits only: the side the embedded 8x8 digits are upsampled to")
+    p.add_argument("--captions", default="auto", metavar="auto|none|FILE.jsonl",
+                   help="captions to write as key.txt members: auto = those the source stores (a folder's "
+                        "captions.jsonl or <image>.txt / <image>.json sidecars, the caption members of shards; none "
+                        "when it stores none), none, or a captions.jsonl manifest (docs/conditioning.md)")
     add_progress_flag(p)
 
 
@@ -191,12 +196,13 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     record = make_shards(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                         image_size=args.image_size, progress=not args.no_progress)
+                         image_size=args.image_size, progress=not args.no_progress, captions=args.captions)
     if record["complete"]:  # the main process
         size = sum(p.stat().st_size for p in Path(args.out).glob(f"{args.prefix}-*.tar"))
         print(f"\nshards ready in {time.perf_counter() - start:.1f} s\n"
               f"  directory  : {args.out}  ({size / 2**20:.1f} MiB in {record['num_shards']} shard(s) of up to "
               f"{record['shard_size']})\n"
               f"  images     : {record['count']} from {record['source']}; {len(record['classes'])} classes\n"
+              f"  captions   : {record.get('captions') or 'none'}\n"
               f"  train with : data.source='{record['pattern']}'")
     return 0

@@ -1,4 +1,4 @@
-"""`ldm eval fid|rfid|recon|stats|latents`: the evaluation commands.
+"""`ldm eval fid|rfid|recon|stats|latents|prompts`: the evaluation commands.
 
 Every command prints a human summary (metric names carry the feature extractor: FID is Inception's, FD_<name> is any
 other space) and one JSON line with all numbers; `--metrics-jsonl PATH` (or `--run DIR`, meaning DIR/metrics.jsonl)
@@ -35,6 +35,7 @@ Evaluation, compatible with the ADM evaluator (guided-diffusion evaluations/eval
   ldm eval recon --recons recon/ --data originals/
   ldm eval stats --data /data/imagenet/train --image-size 256 --out ref.npz
   ldm eval latents --tokenizer runs/vae --data digits --out diag/
+  ldm eval prompts --samples runs/t2i/samples/prompted --clip /weights/clip-vit-large-patch14
   accelerate launch --num_processes 8 -m ldm.cli eval fid ...   (sharded)"""
 
 LATENTS_DESCRIPTION = """\
@@ -67,6 +68,7 @@ def register(subparsers):
     _register_reconstruction(sub)
     _register_stats(sub)
     _register_latents(sub)
+    _register_prompts(sub)
     return sub
 
 
@@ -199,6 +201,41 @@ def _register_latents(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="latent positions used for the alignment metrics")
     p.add_argument("--seed", type=int, default=0, help="seed of the alignment subsample")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
+    add_progress_flag(p)
+    p.epilog = keys.epilog(KEYS_HEADER)
+
+
+PROMPTS_DESCRIPTION = """\
+Score a prompted sample folder (written by `ldm sample RUN --prompt ... / --prompts FILE`: NNNNNN.png
+with its prompt in NNNNNN.txt) and write the numbers to a JSON file:
+
+  digits   the shipped digits classifier's accuracy against the digit each prompt names ("a handwritten
+           digit seven", "the number 7, ..."; prompts naming no digit are left out; chance 10 %); offline
+  clip     CLIPScore (Hessel et al. 2021) as torchmetrics computes it, max(100 x mean cosine, 0), with
+           CLIP weights from a local folder (--clip; nothing is downloaded)
+
+  ldm eval prompts --samples runs/t2i/samples/prompted
+  ldm eval prompts --samples out/ --clip /weights/clip-vit-large-patch14 --out scores.json
+
+Runs in one process (the folder is read whole); definitions: docs/conditioning.md, "Evaluation"."""
+
+
+def _register_prompts(sub) -> None:
+    p, keys = _eval_command(sub, "prompts", cmd_prompts, ("batch_size",), description=PROMPTS_DESCRIPTION,
+                            help="score prompted samples: digits-classifier accuracy, CLIPScore")
+    p.add_argument("--samples", required=True, metavar="DIR",
+                   help="the sample folder of `ldm sample --prompt / --prompts` (NNNNNN.png + NNNNNN.txt)")
+    p.add_argument("--metrics", default=None, metavar="LIST",
+                   help="comma list of digits, clip; when omitted: digits if a prompt names a digit, clip if --clip "
+                        "is given")
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="local CLIP folder (config.json, weights, processor files) for CLIPScore; never downloaded")
+    p.add_argument("--digits-weights", default=None, metavar="PATH",
+                   help="digits classifier weights (default: the shipped ldm/assets/digits_classifier.safetensors)")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON file of the scores (default: "
+                                                               "SAMPLES/prompt_scores.json)")
+    keys.add(p, "--batch-size", field="batch_size", type=int, help="images per classifier / CLIP batch")
     p.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
     add_progress_flag(p)
     p.epilog = keys.epilog(KEYS_HEADER)
@@ -367,6 +404,34 @@ def cmd_latents(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     print(format_diagnostics(res))
     print(json.dumps({"seconds": round(time.time() - start, 2), **summary_numbers(res)}, sort_keys=True))
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.eval.prompts import score_prompted_samples
+    from ldm.io import atomic_write_text
+
+    ev, _ = args.key_flags.resolve(args, args.config, base=EvalCfg())
+    start = time.time()
+    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scores = score_prompted_samples(args.samples, metrics=metrics, clip=args.clip, digits_weights=args.digits_weights,
+                                    batch_size=ev.batch_size, device=device, progress=not args.no_progress)
+    result = {"samples": args.samples, **({"clip": args.clip} if "clip_score" in scores else {}), **scores,
+              "seconds": round(time.time() - start, 2)}
+    out = Path(args.out) if args.out else Path(args.samples) / "prompt_scores.json"
+    atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    lines = []
+    if "digits_accuracy" in scores:
+        lines.append(f"  digits accuracy (classifier vs prompted digit) {scores['digits_accuracy']:.4f}  "
+                     f"({scores['digits_num']} samples naming a digit; chance 0.1)")
+    if "clip_score" in scores:
+        lines.append(f"  CLIPScore (torchmetrics, weight 100)           {scores['clip_score']:.4f}  "
+                     f"({scores['clip_num']} samples, CLIP {args.clip})")
+    print("\n".join(lines))
+    print(f"prompt scores of {args.samples} written to {out}")
     return 0
 
 

@@ -417,7 +417,8 @@ class TextCfg:
                                                                    "downloaded); the DiT then cross-attends to its "
                                                                    "caption tokens (PixArt-alpha; model.arch=unet: "
                                                                    "diffusers' UNet2DConditionModel; docs/"
-                                                                   "conditioning.md); null = no text conditioning"})
+                                                                   "conditioning.md); null = no text conditioning "
+                                                                   "(unless text.embeddings)"})
     captions: str = field(default="auto", metadata={"help": "where the captions come from: auto = the digits' "
                                                             "templated captions, a folder's captions.jsonl, else "
                                                             "<image>.txt / <image>.json sidecar files; or a .jsonl "
@@ -435,6 +436,12 @@ class TextCfg:
     cache_dtype: str = choice("float32", ("float32", "float16"), "dtype of the cached caption embeddings (float16 "
                                                                  "halves the disk of T5-XXL's 4096-wide tokens)")
     batch_size: int = bounded(64, min=1, help="captions per text-encoder call when the embeddings are computed")
+    embeddings: Optional[str] = field(default=None, metadata={"help": "precomputed caption embeddings instead of "
+                                                                      "text.encoder: 'sidecar' (<image>.npy / .npz "
+                                                                      "beside every image of a folder) or a .npy / "
+                                                                      ".npz with one row per image; (D,) pooled or "
+                                                                      "(L, D) per-token (docs/conditioning.md); null "
+                                                                      "= none"})
 
 
 @dataclass

@@ -16,10 +16,12 @@ The embedded digits' templates: each digit has TEMPLATES x its two names (the wo
 "a handwritten digit seven", "the number 7, written by hand", ...; `digit_of_caption` reads the digit back out of a
 prompt for the offline evaluation (ldm/eval/prompts.py).
 
-Shard readers (`key.txt` / `key.json` members of tar shards, ldm/data/shards.py) plug in through two seams: a
-sample's members map to its captions with `captions_from_members(txt_bytes, json_bytes, where)` (the rule a folder's
-sidecars follow), and a source that has a `captions()` method (the captions of each image, in source order) gets
-them from it under text.captions=auto.
+Tar shards (ldm/data/shards.py) carry captions as `key.txt` / `key.json` members, read by the rule a folder's
+sidecars follow (`captions_from_members(txt_bytes, json_bytes, where)`); a source that has a `captions()` method
+(the captions of each image in source order, or None when it stores none: `ShardSource`) gets them from it under
+text.captions=auto. `stored_captions` is what a source stores (files, not the digits' generated templates): what
+`ldm make-shards` writes into the shards' `key.txt` members, so shards made from a captioned folder give the very
+caption set (texts, order, ids) the folder gives.
 
 The caption-embedding cache (`build_caption_cache` / `read_caption_cache`): the distinct captions of a set, encoded
 once by a frozen text encoder (ldm/encoders/text.py) into
@@ -121,8 +123,11 @@ def captions_from_texts(body: str) -> list[str]:
     return [line.strip() for line in body.splitlines() if line.strip()]
 
 
+CAPTION_JSON_KEYS = ("captions", "caption", "text")  # where a .json sidecar / shard member holds captions, in order
+
+
 def _captions_from_json(data: dict, where: str) -> list[str]:
-    for key in ("captions", "caption", "text"):
+    for key in CAPTION_JSON_KEYS:
         if key in data:
             value = data[key]
             captions = [value] if isinstance(value, str) else list(value)
@@ -203,9 +208,32 @@ def caption_set_for(source: ImageSource, spec: str = "auto") -> CaptionSet:
         manifest = source.root / "captions.jsonl"
         return _manifest_captions(source, manifest) if manifest.is_file() else _sidecar_captions(source)
     if callable(getattr(source, "captions", None)):  # e.g. tar shards with key.txt members
-        return CaptionSet.from_captions(source.captions(), f"captions of {type(source).__name__}")
+        per_image = source.captions()
+        if per_image is not None:
+            return CaptionSet.from_captions(per_image, f"captions of {type(source).__name__}")
+        raise ValueError(f"text.captions=auto: {type(source).__name__} {getattr(source, 'pattern', '')!r} stores no "
+                         f"captions (no key.txt, or key.json with a 'caption', members); write the shards from "
+                         f"captioned images (`ldm make-shards DIR --captions auto|FILE.jsonl`) or give a "
+                         f"captions.jsonl manifest (text.captions=<file>.jsonl)")
     raise ValueError(f"text.captions=auto finds no captions for {type(source).__name__} sources; give a captions.jsonl "
                      f"manifest (text.captions=<file>.jsonl, one {{\"index\"|\"file\", \"caption\"}} per line)")
+
+
+def stored_captions(source: ImageSource, spec: str = "auto") -> CaptionSet | None:
+    """The captions stored with the images of `source`, None when there are none: spec "none" gives None, a .jsonl
+    manifest path its captions; "auto" a folder's captions.jsonl or its sidecar files (when any image has one, every
+    image must), or a source's `captions()` (shards' caption members). The digits' templates are generated, not
+    stored: None. `ldm make-shards --captions` writes these into the shards."""
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return caption_set_for(source, spec)
+    if isinstance(source, FolderSource):
+        has_any = (source.root / "captions.jsonl").is_file() or any(
+            p.with_suffix(".txt").is_file() or p.with_suffix(".json").is_file() for p in source.paths)
+        return caption_set_for(source) if has_any else None
+    per_image = source.captions() if callable(getattr(source, "captions", None)) else None
+    return None if per_image is None else CaptionSet.from_captions(per_image, f"captions of {type(source).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------------ embeddings

@@ -3,21 +3,23 @@
 Layout (WebDataset's, https://github.com/webdataset/webdataset#the-webdataset-format): uncompressed tar files whose
 consecutive members sharing a key (the path up to the first dot of the file name) form one sample; here a sample is
 `key.jpg|jpeg|png|webp|bmp` (the image) plus an optional `key.cls` (the class label as decimal text) and/or
-`key.json` ({"label": int, "class": name, ...}; `.cls` wins when both are present). `data.source` names a shard set
-by a brace pattern, `shards/train-{000000..000127}.tar` (ranges keep their zero padding; `{a,b}` lists work too).
+`key.json` ({"label": int, "class": name, ...}; `.cls` wins when both are present), and optionally its caption(s):
+`key.txt` (one caption per non-empty line) or a "caption" / "captions" / "text" in `key.json` (ldm/data/captions.py;
+the .txt wins). `data.source` names a shard set by a brace pattern, `shards/train-{000000..000127}.tar` (ranges keep
+their zero padding; `{a,b}` lists work too).
 
-Reading. Each shard gets an index (the byte offset and size of every sample's image and its label), built once by
-scanning the tar headers and kept beside the shard (`<shard>.index.npz`; `ldm make-shards` writes it with the shard)
-or, when the shard's folder is read-only, in `$LDM_CACHE_DIR/shard-index/`. Opening a shard set loads these indices
-(a few ms per shard), so a process starts without reading any image. `ShardSource` is then an ordinary `ImageSource`:
-item i is read with one positioned read (os.pread) at its offset, and everything that takes a source (training with
-`ImageDataset`, the latent cache, evaluation, statistics) takes shards. In training the batch order comes from
-`ldm.data.sampler.ShardBatchSampler`: every process and loader worker reads its own shards, visited in an order drawn
-from (seed, epoch), through a shuffle buffer, resumable at a micro-batch position like the folder sources; and a
-worker reads the members of each batch in file order (`ImageDataset.__getitems__`), moving forward through its shard.
-The shuffle buffer holds item indices in the sampler, not bytes in the worker (so it costs no memory and the
-position is one integer): a worker reads each image when its batch comes, so its reads sweep forward through a window
-of a few `data.shuffle_buffer` items of its shards rather than strictly sequentially.
+Reading. Each shard gets an index (the byte offset and size of every sample's image, its label, and where its caption
+member is), built once by scanning the tar headers and kept beside the shard (`<shard>.index.npz`; `ldm make-shards`
+writes it with the shard) or, when the shard's folder is read-only, in `$LDM_CACHE_DIR/shard-index/`. Opening a shard
+set loads these indices (a few ms per shard), so a process starts without reading any image. `ShardSource` is then an
+ordinary `ImageSource`: item i is read with one positioned read (os.pread) at its offset, and everything that takes a
+source (training with `ImageDataset`, the latent cache, evaluation, statistics) takes shards. In training the batch
+order comes from `ldm.data.sampler.ShardBatchSampler`: every process and loader worker reads its own shards, visited in
+an order drawn from (seed, epoch), through a shuffle buffer, resumable at a micro-batch position like the folder
+sources; and a worker reads the members of each batch in file order (`ImageDataset.__getitems__`), moving forward
+through its shard. The shuffle buffer holds item indices in the sampler, not bytes in the worker (so it costs no memory
+and the position is one integer): a worker reads each image when its batch comes, so its reads sweep forward through a
+window of a few `data.shuffle_buffer` items of its shards rather than strictly sequentially.
 
 Why our own reader and not the `webdataset` package: its streaming pipeline (`WebDataset`) keeps its position (shard
 iterators, shuffle buffer) inside the loader workers with no way to save and restore it, so a resumed run would not
@@ -31,7 +33,10 @@ A compressed shard (.tar.gz) cannot be read at an offset: it is refused with the
 
 Writing (`make_shards`): the images of any source (folder, .zip/.tar/.tar.gz archive, ADM .npz, the digits, or
 other shards) in the source's order, `shard_size` samples per shard, as `key.<ext>` with the file's original bytes
-(arrays are stored as lossless PNG), `key.cls` and `key.json` ({"name": original name, "label", "class"}). Members
+(arrays are stored as lossless PNG), `key.cls`, `key.json` ({"name": original name, "label", "class"}) and, when
+the source stores captions (`--captions auto`: a folder's captions.jsonl or sidecar .txt / .json files, the caption
+members of shards; or a captions.jsonl given), `key.txt` with the image's captions one per line (a caption that
+would not survive that, e.g. one holding a line break, goes into key.json's "captions" list instead). Members
 carry fixed metadata (mtime 0, root owner), so a shard's bytes depend only on its images: one process and several
 (shard s is written by process s mod world) write identical files. Each shard goes to a temporary file that is
 renamed when complete, and its index, written last, marks it finished: a re-run of the same command skips finished
@@ -115,6 +120,11 @@ class ShardIndex:
     file_size: int
     file_mtime_ns: int
     plan_id: str = ""        # make_shards' plan, for shards it wrote
+    captions: np.ndarray | None = None  # (n, 3) int64: offset, size, kind (CAPTION_*) of each caption member; None:
+    #                                     an index written before captions were indexed (ShardSource rescans)
+
+
+CAPTION_NONE, CAPTION_TXT, CAPTION_JSON = 0, 1, 2  # where a sample's caption is: nowhere, key.txt, key.json
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -143,12 +153,26 @@ def _label_from(cls_bytes: bytes | None, json_bytes: bytes | None, where: str) -
     return (label, name) if isinstance(label, int) and not isinstance(label, bool) else (-1, name)
 
 
+def _caption_member(by_ext: dict, json_bytes: bytes | None) -> tuple[int, int, int]:
+    """(offset, size, kind) of a sample's caption member: key.txt, else key.json when it holds a caption key (the rule
+    of ldm.data.captions.captions_from_members); (-1, 0, CAPTION_NONE) without one."""
+    from ldm.data.captions import CAPTION_JSON_KEYS
+
+    if "txt" in by_ext:
+        return by_ext["txt"].offset_data, by_ext["txt"].size, CAPTION_TXT
+    if json_bytes is not None:
+        info = json.loads(json_bytes)  # valid: _label_from parsed it first
+        if isinstance(info, dict) and any(k in info for k in CAPTION_JSON_KEYS):
+            return by_ext["json"].offset_data, by_ext["json"].size, CAPTION_JSON
+    return -1, 0, CAPTION_NONE
+
+
 def scan_shard(path: Path) -> ShardIndex:
     """Index a shard by reading its tar headers (and its small .cls/.json members), in file order."""
     if is_compressed(path):
         raise ValueError(f"shard {str(path)!r} is compressed; shards must be plain (uncompressed) tar files to be read "
                          f"at an offset: decompress it (gunzip) or rewrite the data with `ldm make-shards`")
-    members, offsets, sizes, labels, names = [], [], [], [], {}
+    members, offsets, sizes, labels, names, captions = [], [], [], [], {}, []
     try:
         with tarfile.open(path, "r:") as tf:
             for key, group in itertools.groupby((m for m in tf if m.isfile() and not is_junk(path_parts(m.name))),
@@ -165,11 +189,13 @@ def scan_shard(path: Path) -> ShardIndex:
                 offsets.append(image.offset_data)
                 sizes.append(image.size)
                 labels.append(label)
+                captions.append(_caption_member(by_ext, small.get("json")))
     except tarfile.TarError as err:
         raise ValueError(f"shard {str(path)!r} is not a readable tar file ({err})") from None
     st = os.stat(path)
     return ShardIndex(members, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                      np.array(labels, dtype=np.int64), names, st.st_size, st.st_mtime_ns)
+                      np.array(labels, dtype=np.int64), names, st.st_size, st.st_mtime_ns,
+                      captions=np.array(captions, dtype=np.int64).reshape(-1, 3))
 
 
 def _blob(strings: list[str]) -> np.ndarray:
@@ -199,7 +225,8 @@ def write_index(index: ShardIndex, shard: Path) -> Path | None:
                          class_labels=np.array(sorted(index.class_names), dtype=np.int64),
                          class_names=_blob([index.class_names[k] for k in sorted(index.class_names)]),
                          shard_file=np.array([index.file_size, index.file_mtime_ns], dtype=np.int64),
-                         plan_id=np.array(index.plan_id))
+                         plan_id=np.array(index.plan_id),
+                         **({"captions": index.captions} if index.captions is not None else {}))
             os.replace(tmp, path)
             return path
         except OSError:
@@ -220,7 +247,8 @@ def read_index(shard: Path) -> ShardIndex | None:
                     continue
                 return ShardIndex(_unblob(d["members"]), d["offsets"], d["sizes"], d["labels"],
                                   dict(zip(d["class_labels"].tolist(), _unblob(d["class_names"]))),
-                                  st.st_size, st.st_mtime_ns, str(d["plan_id"]))
+                                  st.st_size, st.st_mtime_ns, str(d["plan_id"]),
+                                  d["captions"] if "captions" in d.files else None)
         except (OSError, ValueError, KeyError, EOFError):
             continue
     return None
@@ -263,8 +291,8 @@ class ShardSource(ImageSource):
         self.offsets = np.concatenate([ix.offsets for ix in self.indices])
         self.sizes = np.concatenate([ix.sizes for ix in self.indices])
         labels = np.concatenate([ix.labels for ix in self.indices])
+        self._names: list[str] | None = None  # before _labels, whose refusal names a sample
         self.labels, self.classes = self._labels(labels)
-        self._names: list[str] | None = None
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open file descriptor, this process
         self._pid = os.getpid()
 
@@ -324,6 +352,35 @@ class ShardSource(ImageSource):
             raise BadImageError(f"{name}: cannot read ({err})") from None
         return decode_image(data, name, min_size)
 
+    def captions(self) -> list[list[str]] | None:
+        """The captions of every item from its key.txt / key.json member (ldm.data.captions.captions_from_members),
+        in item order; None when no sample has one. Some samples with a caption and others without are refused, as
+        labels are. Shards indexed by an older ldm (no caption locations) are scanned again and their index
+        rewritten."""
+        from ldm.data.captions import captions_from_members
+
+        for s, ix in enumerate(self.indices):
+            if ix.captions is None:
+                fresh = scan_shard(self.shards[s])
+                fresh.plan_id = ix.plan_id  # make_shards' finished-shard marker stays valid
+                write_index(fresh, self.shards[s])
+                self.indices[s] = fresh
+        kinds = np.concatenate([ix.captions[:, 2] for ix in self.indices])
+        if (kinds == CAPTION_NONE).all():
+            return None
+        if (kinds == CAPTION_NONE).any():
+            i = int(np.flatnonzero(kinds == CAPTION_NONE)[0])
+            raise ValueError(f"{self.names[i]} has no caption (key.txt, or key.json with a 'caption') while other "
+                             f"samples of {self.pattern!r} have one: caption every sample or none")
+        out = []
+        for s, ix in enumerate(self.indices):
+            for member, (offset, size, kind) in zip(ix.members, ix.captions.tolist()):
+                data = os.pread(self._fd(s), size, offset)
+                where = f"{self.shards[s]}:{_split_key(member)[0]}"
+                out.append(captions_from_members(data if kind == CAPTION_TXT else None,
+                                                 data if kind == CAPTION_JSON else None, where))
+        return out
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_files"], state["_pid"] = OrderedDict(), None  # descriptors stay with the process that opened them
@@ -353,6 +410,7 @@ class ShardPlan:
     shard_size: int
     prefix: str
     classes: list[str]
+    captions_sha: str = ""  # sha of the caption texts written as key.txt members ("": none)
 
     @property
     def num_shards(self) -> int:
@@ -370,6 +428,7 @@ class ShardPlan:
 
     def plan_id(self) -> str:
         fields = [self.data_fingerprint, self.count, self.shard_size, self.prefix, INDEX_VERSION]
+        fields += [self.captions_sha] if self.captions_sha else []  # plans without captions keep their id
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
@@ -392,7 +451,17 @@ def raw_samples(source: ImageSource, positions: range, order: list[int]) -> Iter
         yield i, data, ext
 
 
-def _write_shard(source: ImageSource, plan: ShardPlan, order: list[int], s: int, out_dir: Path) -> None:
+def _caption_members(captions: list[str]) -> tuple[bytes | None, list[str] | None]:
+    """(key.txt bytes, None) for an image's captions when one per line reads them back unchanged (the .txt rule of
+    ldm.data.captions), else (None, the list for key.json's "captions"): e.g. a caption holding a line break."""
+    body = "\n".join(captions)
+    if body.splitlines() == captions and all(c == c.strip() and c for c in captions):
+        return (body + "\n").encode("utf-8"), None
+    return None, list(captions)
+
+
+def _write_shard(source: ImageSource, plan: ShardPlan, order: list[int], s: int, out_dir: Path,
+                 captions=None) -> None:
     final = out_dir / plan.shard_name(s)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     width = max(6, len(str(plan.count - 1)))
@@ -407,6 +476,12 @@ def _write_shard(source: ImageSource, plan: ShardPlan, order: list[int], s: int,
                 label = int(source.labels[i])
                 _tar_member(tf, f"{key}.cls", f"{label}\n".encode())
                 meta.update(label=label, **({"class": source.classes[label]} if source.classes else {}))
+            if captions is not None:  # a CaptionSet: the image's captions as key.txt (or in key.json)
+                txt, listed = _caption_members(captions.captions_of(i))
+                if txt is not None:
+                    _tar_member(tf, f"{key}.txt", txt)
+                else:
+                    meta["captions"] = listed
             _tar_member(tf, f"{key}.json", (json.dumps(meta, sort_keys=True) + "\n").encode())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -415,6 +490,15 @@ def _write_shard(source: ImageSource, plan: ShardPlan, order: list[int], s: int,
     index.plan_id = plan.plan_id()
     if write_index(index, final) is None:
         raise OSError(f"cannot write the index of {final} (is {out_dir} writable?)")
+
+
+def _captions_sha(caption_set) -> str:
+    """Identity of the captions a plan writes (their texts and which image has which): "" for none."""
+    if caption_set is None:
+        return ""
+    h = hashlib.sha256(caption_set.texts_sha().encode())
+    h.update(caption_set.offsets.tobytes() + caption_set.ids.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _finished(plan: ShardPlan, out_dir: Path, s: int) -> bool:
@@ -429,19 +513,22 @@ def _refuse_other_plan(out_dir: Path, plan: ShardPlan) -> None:
         return
     old = json.loads(record.read_text())
     if old.get("plan_id") != plan.plan_id():
-        raise ValueError(f"{str(out_dir)!r} already holds shards of another source or shard size ({old.get('source')!r}"
-                         f", {old.get('count')} samples in shards of {old.get('shard_size')}); choose another --out "
-                         f"directory or delete this one")
+        raise ValueError(f"{str(out_dir)!r} already holds shards of another source or shard size, or other captions ("
+                         f"{old.get('source')!r}, {old.get('count')} samples in shards of {old.get('shard_size')}, "
+                         f"captions {old.get('captions')}); choose another --out directory or delete this one")
 
 
 def make_shards(source_spec: str, out_dir: str | Path, *, shard_size: int, prefix: str = "shard",
-                image_size: int = 32, progress: bool = True) -> dict:
+                image_size: int = 32, progress: bool = True, captions: str = "auto") -> dict:
     """Write the images of `source_spec` as WebDataset shards under `out_dir` (see the module docstring). Call it from
     every process of a distributed launch: shard s is written by process s mod world, then the main process checks
-    them all and completes make-shards.json. Returns the record (with "pattern", the data.source to train with)."""
+    them all and completes make-shards.json. Returns the record (with "pattern", the data.source to train with).
+    `captions`: "auto" (the captions the source stores, if any: ldm.data.captions.stored_captions), "none", or a
+    captions.jsonl manifest path; written as key.txt members."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from ldm.data.captions import stored_captions
     from ldm.data.sources import open_source
     from ldm.io import atomic_write_text
 
@@ -451,14 +538,17 @@ def make_shards(source_spec: str, out_dir: str | Path, *, shard_size: int, prefi
         raise ValueError(f"prefix={prefix!r}: use letters, digits, '_' and '-' (no dots: a dot would end the key)")
     source = open_source(source_spec, image_size, random_access=False)
     order = source.storage_order() if hasattr(source, "storage_order") else list(range(len(source)))
+    caption_set = stored_captions(source, captions)
     plan = ShardPlan(source=source_spec, data_fingerprint=source.fingerprint(), count=len(source),
-                     shard_size=shard_size, prefix=prefix, classes=list(source.classes))
+                     shard_size=shard_size, prefix=prefix, classes=list(source.classes),
+                     captions_sha=_captions_sha(caption_set))
     out_dir = Path(out_dir)
     _refuse_other_plan(out_dir, plan)
     record = {"format_version": INDEX_VERSION, "plan_id": plan.plan_id(), "source": source_spec,
               "data_fingerprint": plan.data_fingerprint, "count": plan.count, "shard_size": shard_size,
               "num_shards": plan.num_shards, "prefix": prefix, "classes": plan.classes,
-              "pattern": plan.pattern(out_dir), "complete": False}
+              "pattern": plan.pattern(out_dir), "complete": False,
+              "captions": None if caption_set is None else caption_set.origin}
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
     if state.is_main_process and not (out_dir / RECORD_FILE).is_file():
@@ -471,7 +561,7 @@ def make_shards(source_spec: str, out_dir: str | Path, *, shard_size: int, prefi
         log.info("rank %d: %d finished shard(s) kept, %d to write", rank, kept, len(mine))
     for s in tqdm(mine, desc=f"make-shards{f' rank {rank}/{world}' if world > 1 else ''}", unit="shard",
                   disable=not (progress and state.is_main_process), dynamic_ncols=True):
-        _write_shard(source, plan, order, s, out_dir)
+        _write_shard(source, plan, order, s, out_dir, caption_set)
     state.wait_for_everyone()
     if state.is_main_process:
         unfinished = [plan.shard_name(s) for s in range(plan.num_shards) if not _finished(plan, out_dir, s)]

@@ -113,11 +113,16 @@ def _kind_of(config) -> str:
                      f"clip_text_model) or T5 (t5, mt5, umt5) model")
 
 
-def load_text_encoder(name_or_path: str, *, max_tokens: int = 77, device: torch.device | str = "cpu",
+def load_text_encoder(name_or_path: str | None, *, max_tokens: int = 77, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None) -> TextEncoder:
     """The frozen encoder at a local folder or a Hub id in the local Hugging Face cache (never downloaded here).
 
-    FileNotFoundError, in one line, when it is not there: what to download and where to put it."""
+    FileNotFoundError, in one line, when it is not there: what to download and where to put it. None (a run whose
+    text.encoder is null) is a ValueError: a generator trained on precomputed embeddings has no encoder."""
+    if name_or_path is None:
+        raise ValueError("no text encoder to load: text.encoder is null (a generator trained on precomputed "
+                         "embeddings, text.embeddings, has none, and loading such a generator for sampling is not "
+                         "supported yet: docs/conditioning.md, 'Precomputed embeddings')")
     transformers = _require_transformers()
     transformers.utils.logging.disable_progress_bar()  # one weight file per run: a bar per tensor group is noise
     local = Path(name_or_path).expanduser()

@@ -259,7 +259,7 @@ def build_generator_task(cfg: RunConfig):
     normalizer = normalizer_for(tokenizer, kind=d.latent_norm, scaling_factor=d.scaling_factor, images=stats_images,
                                 num_images=cfg.tokenizer.stats_num_images)
     text_encoder = caption = prompts = None
-    if cfg.text.encoder is not None:  # text-to-image: captions replace the class labels
+    if cfg.text.encoder is not None or cfg.text.embeddings is not None:  # text-to-image: captions replace labels
         dataset, text_encoder, caption, prompts = _caption_dataset(cfg, dataset)
         num_classes = 0
     model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
@@ -298,6 +298,8 @@ def _caption_dataset(cfg: RunConfig, dataset):
     t = cfg.text
     if cfg.diffusion.repa:
         raise ConfigError("text.encoder and diffusion.repa are not combined; set diffusion.repa=false")
+    if t.embeddings is not None:
+        return _embedding_dataset(cfg, dataset)
     encoder = load_text_encoder(t.encoder, max_tokens=t.max_tokens)
     captions = caption_set_for(open_source(cfg.data.source, cfg.data.image_size), t.captions)
     cache = t.cache or (str(Path(cfg.data.latents) / "captions") if cfg.data.latents is not None else None)
@@ -320,6 +322,32 @@ def _caption_dataset(cfg: RunConfig, dataset):
         if len(prompts) == 10:
             break
     return CaptionedDataset(dataset, captions, embeddings), encoder, caption, prompts
+
+
+def _embedding_dataset(cfg: RunConfig, dataset):
+    """Text models on precomputed embeddings (text.embeddings, ldm/data/embeddings.py), _caption_dataset's tuple: no
+    text encoder (and so no grid prompts: grids and periodic FID sample from the null caption); the checkpoint records
+    the embeddings' fingerprint where an encoder's would be, and "precomputed": true."""
+    from ldm.data.captions import CaptionedDataset
+    from ldm.data.embeddings import load_embeddings
+    from ldm.data.sources import open_source
+
+    t = cfg.text
+    given = [f"{key}={value!r}" for key, value in (("text.encoder", t.encoder), ("text.cache", t.cache))
+             if value is not None] + ([f"text.captions={t.captions!r}"] if t.captions != "auto" else [])
+    if given:
+        raise ConfigError(f"text.embeddings={t.embeddings!r} gives the caption embeddings, so {', '.join(given)} "
+                          f"would not be used: leave {'them' if len(given) > 1 else 'it'} out (or unset "
+                          f"text.embeddings to encode captions with text.encoder)")
+    if cfg.sample.cfg_scale != 1.0:
+        raise ConfigError(f"sample.cfg_scale={cfg.sample.cfg_scale}: a model on precomputed embeddings has no text "
+                          f"encoder for prompts, so its training grids and periodic FID sample from the null caption, "
+                          f"unguided; set sample.cfg_scale=1")
+    pre = load_embeddings(open_source(cfg.data.source, cfg.data.image_size), t.embeddings, max_tokens=t.max_tokens)
+    caption = {"caption_dim": pre.token_dim, "caption_tokens": pre.max_tokens,
+               "pooled_dim": pre.pooled_dim if t.use_pooled else None, "encoder_source": pre.source,
+               "encoder_fingerprint": pre.fingerprint, "precomputed": True}
+    return CaptionedDataset(dataset, pre.captions, pre.embeddings), None, caption, None
 
 
 def _check_patch(model_cfg, latent_size: int, origin: str, downsample: int | None = None) -> None:
