@@ -7,6 +7,9 @@
              --inception-weights PATH  --no-docs
     python bench/replication/run.py --study decoder_losses --quick   # plain vs + LPL vs + pixel post-training of the
                                                                      # generator, paired by seed (DECODER_ARMS below)
+    python bench/replication/run.py --study repae --quick   # REPA on the frozen plain tokenizer vs REPA-E tuning of
+                                                            # it, then REPA on the tuned one (REPAE_ARMS below;
+                                                            # ~45 min for 3 seeds on an idle 2-core CPU, estimated)
 
 For every (tokenizer variant, seed), one `ldm pipeline` run (bench/replication/<mode>.yaml + overrides) trains a KL
 tokenizer of identical architecture and budget -- plain, + EQ-VAE (Kouzelis et al. 2025, arXiv:2502.09509), or
@@ -58,12 +61,16 @@ BEGIN, END = "<!-- BEGIN GENERATED (bench/replication/run.py) -->", "<!-- END GE
 
 
 # ----------------------------------------------------------------------------------------------------------- config
-def study_config(mode: str, root: Path, variant: str, seed: int, extra: tuple[str, ...] = ()):
+def study_config(mode: str, root: Path, variant: str, seed: int, extra: tuple[str, ...] = (),
+                 overlays: tuple[Path, ...] = ()):
+    """The pipeline config <root>/<mode>/<variant>_s<seed>: <mode>.yaml, then `overlays` (YAML files merged over it),
+    then the seeds, the variant's switches (VARIANTS; none for a name that is not a tokenizer variant) and `extra`."""
     from ldm.config import PipelineCfg, load_config
 
+    switches = VARIANTS[variant][1] if variant in VARIANTS else []
     overrides = [f"name={variant}_s{seed}", f"run_root={root / mode}", f"tokenizer.seed={seed}",
-                 f"generator.seed={seed}", *VARIANTS[variant][1], *extra]
-    cfg = load_config([HERE / f"{mode}.yaml"], overrides, schema=PipelineCfg)
+                 f"generator.seed={seed}", *switches, *extra]
+    cfg = load_config([HERE / f"{mode}.yaml", *overlays], overrides, schema=PipelineCfg)
     t = cfg.generator.train
     steps = [round(f * t.max_steps) for f in FRACTIONS]
     if any(s % t.ckpt_every for s in steps) or t.keep_last < t.max_steps // t.ckpt_every:
@@ -75,9 +82,6 @@ def study_config(mode: str, root: Path, variant: str, seed: int, extra: tuple[st
 # ----------------------------------------------------------------------------------------------------------- one run
 def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_weights: str | None) -> dict:
     """Train (pipeline) and measure one (variant, seed); cached in <run>/study.json for identical settings."""
-    from ldm.encoders import build_encoder
-    from ldm.eval.evaluate import evaluate_reconstruction
-    from ldm.eval.latents import diagnose_tokenizer
     from ldm.pipeline import run_pipeline
     from ldm.tokenizers.export import load_tokenizer
 
@@ -90,25 +94,10 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
     summary = run_pipeline(cfg, progress=False)
     seconds = {k: v["seconds"] for k, v in summary["stages"].items()}
 
-    start = time.perf_counter()
-    tok = load_tokenizer(run_dir / "tokenizer")
-    recon = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="digits",
-                                    metrics=("rfd", "psnr"), size=32, num_images=settings["recon_images"],
-                                    cache_dir=cache_dir, progress=False)
-    record: dict = {"variant": variant, "seed": cfg.tokenizer.seed, "settings": settings,
-                    "psnr": recon["psnr"], "rfd_digits": recon["rfd_digits"]}
-    if settings["inception"] in ("rfid", "all"):
-        rec_i = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="inception",
-                                        extractor_weights=inception_weights, metrics=("rfd",), size=32,
-                                        num_images=settings["recon_images"], cache_dir=cache_dir, progress=False)
-        record["rfid"] = rec_i["rfid"]
-    seconds["recon_eval"] = round(time.perf_counter() - start, 1)
-
-    start = time.perf_counter()
-    diag = diagnose_tokenizer(tok, "digits", num_images=settings["diag_images"], encoder=build_encoder(
-        "digits"), encoder_name="digits classifier trunk", out_dir=run_dir / "diagnostics")
-    record["diagnostics"] = diag
-    seconds["diagnostics"] = round(time.perf_counter() - start, 1)
+    measured, tok_seconds = measure_tokenizer(load_tokenizer(run_dir / "tokenizer"), run_dir / "diagnostics",
+                                              settings, cache_dir, inception_weights)
+    record: dict = {"variant": variant, "seed": cfg.tokenizer.seed, "settings": settings, **measured}
+    seconds.update(tok_seconds)
 
     start = time.perf_counter()
     max_steps = cfg.generator.train.max_steps
@@ -123,6 +112,35 @@ def measure_run(cfg, variant: str, settings: dict, cache_dir: Path, inception_we
         if fid is not None:
             record["gfid"].append(fid)
     return save_record(record, seconds, start, record_file)
+
+
+def measure_tokenizer(tok, diag_dir: Path, settings: dict, cache_dir: Path,
+                      inception_weights: str | None) -> tuple[dict, dict]:
+    """({psnr, rfd_digits[, rfid], diagnostics}, {recon_eval, diagnostics: seconds}) of a frozen tokenizer: posterior-
+    mean reconstructions of the first settings["recon_images"] digits, and ldm.eval.latents.diagnose_tokenizer (what
+    `ldm eval latents` reports) on settings["diag_images"] digits with the digits-classifier trunk as the aligner,
+    its JSON and figure written to `diag_dir`."""
+    from ldm.encoders import build_encoder
+    from ldm.eval.evaluate import evaluate_reconstruction
+    from ldm.eval.latents import diagnose_tokenizer
+
+    start = time.perf_counter()
+    recon = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="digits",
+                                    metrics=("rfd", "psnr"), size=32, num_images=settings["recon_images"],
+                                    cache_dir=cache_dir, progress=False)
+    out: dict = {"psnr": recon["psnr"], "rfd_digits": recon["rfd_digits"]}
+    if settings["inception"] in ("rfid", "all"):
+        rec_i = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), "digits", extractor="inception",
+                                        extractor_weights=inception_weights, metrics=("rfd",), size=32,
+                                        num_images=settings["recon_images"], cache_dir=cache_dir, progress=False)
+        out["rfid"] = rec_i["rfid"]
+    seconds = {"recon_eval": round(time.perf_counter() - start, 1)}
+
+    start = time.perf_counter()
+    out["diagnostics"] = diagnose_tokenizer(tok, "digits", num_images=settings["diag_images"], encoder=build_encoder(
+        "digits"), encoder_name="digits classifier trunk", out_dir=diag_dir)
+    seconds["diagnostics"] = round(time.perf_counter() - start, 1)
+    return out, seconds
 
 
 def save_record(record: dict, seconds: dict, sampling_start: float, record_file: Path) -> dict:
@@ -156,29 +174,42 @@ def sample_gfd(ckpt: Path, out_dir: Path, settings: dict, cache_dir: Path, seed:
 
 
 # ----------------------------------------------------------------------------------------------------------- aggregate
+def recon_headline(record: dict) -> dict:
+    """PSNR, rFD_digits (and rFID) of a record holding measure_tokenizer's numbers."""
+    return {"psnr": record["psnr"], "rfd_digits": record["rfd_digits"],
+            **({"rfid": record["rfid"]} if "rfid" in record else {})}
+
+
+def diag_headline(d: dict) -> dict:
+    """The flat numbers of ldm.eval.latents.diagnose_tokenizer's result that enter the tables."""
+    eq, sp = d["equivariance"], d["spectrum"]
+    return {"hf_share_latent": sp["latent"]["hf_share"], "hf_share_image_at_latent": sp["image_at_latent"]["hf_share"],
+            "rot_decoder_ratio": eq["rotation_mean"]["decoder_ratio"],
+            "rot_latent_error": eq["rotation_mean"]["latent_error"],
+            "scale_decoder_ratio": eq["scale_mean"]["decoder_ratio"],
+            "scale_latent_error": eq["scale_mean"]["latent_error"],
+            "kl_per_image": d["posterior"]["kl_per_image"], "latent_std_ratio": d["channels"]["std_ratio"],
+            "cknna": d["alignment"]["cknna"], "linear_cka": d["alignment"]["linear_cka"]}
+
+
 def headline(record: dict) -> dict:
     """The flat numbers of one run that enter the tables."""
-    d = record["diagnostics"]
-    eq, sp = d["equivariance"], d["spectrum"]
-    out = {"psnr": record["psnr"], "rfd_digits": record["rfd_digits"],
-           **({"rfid": record["rfid"]} if "rfid" in record else {}),
-           **{f"gfd_digits@{s}": v for s, v in zip(record["steps"], record["gfd_digits"])},
-           **{f"gfid@{s}": v for s, v in zip(record["steps"], record["gfid"])},
-           "hf_share_latent": sp["latent"]["hf_share"], "hf_share_image_at_latent": sp["image_at_latent"]["hf_share"],
-           "rot_decoder_ratio": eq["rotation_mean"]["decoder_ratio"],
-           "rot_latent_error": eq["rotation_mean"]["latent_error"],
-           "scale_decoder_ratio": eq["scale_mean"]["decoder_ratio"],
-           "scale_latent_error": eq["scale_mean"]["latent_error"],
-           "kl_per_image": d["posterior"]["kl_per_image"], "latent_std_ratio": d["channels"]["std_ratio"],
-           "cknna": d["alignment"]["cknna"], "linear_cka": d["alignment"]["linear_cka"]}
-    return out
+    return {**recon_headline(record),
+            **{f"gfd_digits@{s}": v for s, v in zip(record["steps"], record["gfd_digits"])},
+            **{f"gfid@{s}": v for s, v in zip(record["steps"], record["gfid"])},
+            **diag_headline(record["diagnostics"])}
 
 
-def aggregate(records: list[dict]) -> dict:
-    """{variant: {metric: {mean, min, max, values}}} over seeds."""
+def tokenizer_headline(record: dict) -> dict:
+    """The flat numbers of a tokenizer-only record (measure_tokenizer's)."""
+    return {**recon_headline(record), **diag_headline(record["diagnostics"])}
+
+
+def aggregate(records: list[dict], key: str = "variant", row=headline) -> dict:
+    """{record[key]: {metric: {mean, min, max, values}}} over seeds, the metrics of `row(record)`."""
     out: dict = {}
-    for variant in dict.fromkeys(r["variant"] for r in records):
-        rows = [headline(r) for r in records if r["variant"] == variant]
+    for variant in dict.fromkeys(r[key] for r in records):
+        rows = [row(r) for r in records if r[key] == variant]
         out[variant] = {k: {"mean": float(np.mean([row[k] for row in rows])),
                             "min": float(np.min([row[k] for row in rows])),
                             "max": float(np.max([row[k] for row in rows])),
@@ -190,25 +221,39 @@ def _cell(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
+def _spread(values: np.ndarray, digits: int = 2) -> str:
+    """mean [min, max] of values."""
+    return _cell({"mean": values.mean(), "min": values.min(), "max": values.max()}, digits)
+
+
+DIAG_COLS = [("HF share latent", "hf_share_latent", 3), ("HF share image@latent", "hf_share_image_at_latent", 3),
+             ("rot. decoder ratio", "rot_decoder_ratio", 2), ("rot. latent error", "rot_latent_error", 3),
+             ("scale decoder ratio", "scale_decoder_ratio", 2), ("scale latent error", "scale_latent_error", 3),
+             ("KL / image [nats]", "kl_per_image", 0), ("std max/min", "latent_std_ratio", 2),
+             ("CKNNA", "cknna", 3), ("linear CKA", "linear_cka", 3)]
+
+
+def recon_cols(agg: dict) -> list[tuple[str, str, int]]:
+    """(header, metric, decimals) of PSNR, rFD_digits and, when every row has it, rFID."""
+    has_rfid = all("rfid" in agg[v] for v in agg)
+    return [("PSNR [dB]", "psnr", 2), ("rFD_digits", "rfd_digits", 2)] + ([("rFID", "rfid", 2)] if has_rfid else [])
+
+
+def stat_table(agg: dict, labels: dict, cols: list[tuple[str, str, int]], first: str = "tokenizer") -> list[str]:
+    """Markdown rows: one per entry of `agg` (named by labels), one mean [min, max] cell per (header, metric,
+    decimals) of `cols`."""
+    lines = [f"| {first} | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for v in agg:
+        lines.append(f"| {labels[v]} | " + " | ".join(_cell(agg[v][k], d) for _, k, d in cols) + " |")
+    return lines
+
+
 def tables(agg: dict, steps: list[int]) -> str:
-    variants = list(agg)
-    has_rfid = all("rfid" in agg[v] for v in variants)
-    has_gfid = all(f"gfid@{steps[-1]}" in agg[v] for v in variants)
-    cols = [("PSNR [dB]", "psnr", 2), ("rFD_digits", "rfd_digits", 2)] + ([("rFID", "rfid", 2)] if has_rfid else [])
-    cols += [(f"gFD_digits @{s}", f"gfd_digits@{s}", 2) for s in steps]
+    has_gfid = all(f"gfid@{steps[-1]}" in agg[v] for v in agg)
+    cols = recon_cols(agg) + [(f"gFD_digits @{s}", f"gfd_digits@{s}", 2) for s in steps]
     cols += [(f"gFID @{s}", f"gfid@{s}", 2) for s in steps] if has_gfid else []
-    lines = ["| tokenizer | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for v in variants:
-        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_cell(agg[v][k], d) for _, k, d in cols) + " |")
-    diag = [("HF share latent", "hf_share_latent", 3), ("HF share image@latent", "hf_share_image_at_latent", 3),
-            ("rot. decoder ratio", "rot_decoder_ratio", 2), ("rot. latent error", "rot_latent_error", 3),
-            ("scale decoder ratio", "scale_decoder_ratio", 2), ("scale latent error", "scale_latent_error", 3),
-            ("KL / image [nats]", "kl_per_image", 0), ("std max/min", "latent_std_ratio", 2),
-            ("CKNNA", "cknna", 3), ("linear CKA", "linear_cka", 3)]
-    lines += ["", "| tokenizer | " + " | ".join(c[0] for c in diag) + " |", "|---" * (len(diag) + 1) + "|"]
-    for v in variants:
-        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_cell(agg[v][k], d) for _, k, d in diag) + " |")
-    return "\n".join(lines)
+    labels = {v: VARIANTS[v][0] for v in agg}
+    return "\n".join(stat_table(agg, labels, cols) + [""] + stat_table(agg, labels, DIAG_COLS))
 
 
 def paired_table(records: list[dict], steps: list[int]) -> str:
@@ -223,9 +268,7 @@ def paired_table(records: list[dict], steps: list[int]) -> str:
     for v in others:
         ratios = np.array([[a / b for a, b in zip(r["gfd_digits"], plain[r["seed"]]["gfd_digits"])]
                            for r in records if r["variant"] == v and r["seed"] in plain])  # (seeds, steps)
-        cells = [f"{ratios[:, i].mean():.2f} [{ratios[:, i].min():.2f}, {ratios[:, i].max():.2f}]"
-                 for i in range(len(steps))]
-        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_spread(ratios[:, i]) for i in range(len(steps))) + " |")
     return "\n".join(lines)
 
 
@@ -284,14 +327,36 @@ def plot_latents(records: list[dict], path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- docs
+def replace_block(text: str, begin: str, end: str, block: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by `block`."""
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}"
+
+
 def write_docs(path: Path, block: str) -> None:
     """Replace the generated block of docs/replication.md (the hand-written reading around it stays)."""
     text = path.read_text() if path.is_file() else f"# Replication study\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise ValueError(f"{path} lacks the markers {BEGIN!r} ... {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    path.write_text(replace_block(text, BEGIN, END, block))
+
+
+def write_study_block(begin: str, end: str, block: str) -> None:
+    """Replace a study's generated block of docs/replication.md, appending its markers first when it has none."""
+    path = REPO / "docs" / "replication.md"
+    text = path.read_text()
+    if begin not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    path.write_text(replace_block(text, begin, end, block))
+
+
+def study_header(study: str, args, seeds: list[int], settings: dict, wall: float) -> str:
+    """The first lines of a study's generated block: the smoke warning (--tiny), the command, seeds and wall time."""
+    smoke = "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**\n\n"
+    command = (f"python bench/replication/run.py --study {study} --{args.mode}"
+               + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"))
+    return (f"{smoke if args.mode == 'tiny' else ''}Command: `{command}` (seeds {seeds}; cells mean [min, max] "
+            f"over seeds; {settings['num_samples']} EMA samples per gFD_digits; {wall / 60:.1f} min)")
 
 
 def generated_block(mode: str, command: str, agg: dict, records: list[dict], steps: list[int], wall: float,
@@ -397,33 +462,41 @@ def measure_arm(mode: str, root: Path, arm: str, seed: int, settings: dict, cach
             own = step - n // 2 if post else step
             fd, fid = sample_gfd(gen.run_dir / "checkpoints" / f"step_{own:07d}", gen.run_dir / "samples" /
                                  f"step_{step:07d}", settings, cache_dir, gen.sample.seed, inception_weights)
-        record["steps"].append(step)
-        record["gfd_digits"].append(fd)
-        if fid is not None:
-            record["gfid"].append(fid)
+        add_point(record, step, fd, fid)
     return save_record(record, seconds, start, record_file)
 
 
-def decoder_tables(records: list[dict], steps: list[int]) -> str:
-    """gFD per arm (mean [min, max] over seeds), then the paired ratios of DECODER_PAIRS by seed (< 1 = better)."""
+def add_point(record: dict, step: int, fd: float, fid: float | None) -> None:
+    """Append one checkpoint's gFD_digits (and gFID, when measured) at `step` to an arm's record."""
+    record["steps"].append(step)
+    record["gfd_digits"].append(fd)
+    if fid is not None:
+        record["gfid"].append(fid)
+
+
+def arm_tables(records: list[dict], steps: list[int], labels: dict, pairs) -> str:
+    """gFD per arm (mean [min, max] over seeds; arms named by `labels`), then the paired ratios a / b of `pairs` by
+    seed (< 1 = a better)."""
     arms = list(dict.fromkeys(r["arm"] for r in records))
     lines = ["| arm | " + " | ".join(f"gFD_digits @{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for a in arms:
         v = np.array([r["gfd_digits"] for r in records if r["arm"] == a])  # (seeds, steps)
-        lines.append(f"| {DECODER_ARMS[a][0]} | " + " | ".join(
-            f"{v[:, i].mean():.2f} [{v[:, i].min():.2f}, {v[:, i].max():.2f}]" for i in range(len(steps))) + " |")
+        lines.append(f"| {labels[a]} | " + " | ".join(_spread(v[:, i]) for i in range(len(steps))) + " |")
     by = {(r["arm"], r["seed"]): r for r in records}
-    pairs = [(a, b) for a, b in DECODER_PAIRS if a in arms and b in arms]
+    pairs = [(a, b) for a, b in pairs if a in arms and b in arms]
     if pairs:
         lines += ["", "| paired by seed: gFD ratio | " + " | ".join(f"@{s}" for s in steps) + " |",
                   "|---" * (len(steps) + 1) + "|"]
     for a, b in pairs:
         ratios = np.array([[x / y for x, y in zip(by[(a, s)]["gfd_digits"], by[(b, s)]["gfd_digits"])]
                            for (arm, s) in by if arm == a and (b, s) in by])
-        lines.append(f"| {a} / {b} | " + " | ".join(
-            f"{ratios[:, i].mean():.2f} [{ratios[:, i].min():.2f}, {ratios[:, i].max():.2f}]"
-            for i in range(len(steps))) + " |")
+        lines.append(f"| {a} / {b} | " + " | ".join(_spread(ratios[:, i]) for i in range(len(steps))) + " |")
     return "\n".join(lines)
+
+
+def decoder_tables(records: list[dict], steps: list[int]) -> str:
+    """gFD per arm (mean [min, max] over seeds), then the paired ratios of DECODER_PAIRS by seed (< 1 = better)."""
+    return arm_tables(records, steps, {a: v[0] for a, v in DECODER_ARMS.items()}, DECODER_PAIRS)
 
 
 def main_decoder_losses(args, seeds: list[int], settings: dict, weights: str | None) -> int:
@@ -452,18 +525,243 @@ def main_decoder_losses(args, seeds: list[int], settings: dict, weights: str | N
     print(table)
     print(f"wrote {out}; wall time {wall / 60:.1f} min")
     if not args.no_docs:
-        smoke = "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**\n\n"
-        command = (f"python bench/replication/run.py --study decoder_losses --{args.mode}"
-                   + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"))
-        block = (f"{smoke if args.mode == 'tiny' else ''}Command: `{command}` (seeds {seeds}; cells mean [min, max] "
-                 f"over seeds; {settings['num_samples']} EMA samples per gFD_digits; {wall / 60:.1f} min)\n\n{table}")
-        path = REPO / "docs" / "replication.md"
-        text = path.read_text()
-        if DBEGIN not in text:
-            text = text.rstrip("\n") + f"\n\n{DBEGIN}\n{DEND}\n"
-        head, rest = text.split(DBEGIN, 1)
-        path.write_text(f"{head}{DBEGIN}\n{block}\n{DEND}{rest.split(DEND, 1)[1]}")
+        write_study_block(DBEGIN, DEND, f"{study_header('decoder_losses', args, seeds, settings, wall)}\n\n{table}")
         print("wrote docs/replication.md (decoder-loss block)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- REPA-E
+# --study repae: REPA on the frozen plain-KL tokenizer vs REPA-E's end-to-end tuning of that tokenizer (Leng et al.
+# 2025, arXiv:2504.10483; docs/end-to-end.md), then a generator trained on the tuned tokenizer. Per seed, every
+# generator has the budget N = the mode's generator.train.max_steps and is measured at 25 / 50 / 100 % of it:
+#   plain          the plain-KL pipeline's own generator, no REPA, on its latent cache (the decoder study's "plain")
+#   repa           the same generator + REPA (the joint stage's REPA settings: repae.yaml) on the frozen plain-KL
+#                  tokenizer (its export); ldm's REPA reads the images for its frozen encoder, so latents are encoded
+#                  on the fly (no cache)
+#   joint          REPA-E's joint run (repae.yaml over <mode>.yaml): the exported plain-KL tokenizer (the EMA weights
+#                  the frozen arms use; its latent statistics start the batch norm) tuned together with a fresh
+#                  discriminator, DiT and REPA projector for N steps at the tokenizer's batch; its own generator
+#                  sampled end-to-end (load_generator on a joint run, as `ldm sample` does)
+#   repae          repa's generator on the joint run's tuned tokenizer (exported: diffusers folder + the EMA batch
+#                  norm's statistics)
+#   repae_noalign  the control: the same joint run with e2e.tokenizer_align_weight=0 (the tokenizer gets N more steps
+#                  of its reconstruction losses, no alignment gradient), then repa's generator on its tokenizer; it
+#                  separates REPA-E's alignment from the extra tokenizer training, which a tokenizer trained for 250
+#                  steps still profits from (REPA-E tunes converged VAEs)
+# Paired by seed: repae / repa (the question), repae / repae_noalign (the alignment's share), repae_noalign / repa
+# (the extra training's share), repa / plain (REPA itself). Tokenizers: PSNR, rFD and the latent diagnostics of the
+# plain, the tuned and the control tokenizer.
+REPAE_ARMS = {
+    "plain": "plain KL, generator without REPA",
+    "repa": "plain KL (frozen), generator + REPA",
+    "joint": "REPA-E joint run's own generator (end-to-end, batch of the tokenizer)",
+    "repae": "REPA-E-tuned KL, generator + REPA",
+    "repae_noalign": "control: tuned without alignment, generator + REPA",
+}
+REPAE_PAIRS = (("repae", "repa"), ("repae", "repae_noalign"), ("repae_noalign", "repa"), ("repa", "plain"))
+REPAE_TOKENIZERS = {"kl": "plain KL", "repae": "REPA-E-tuned KL", "repae_noalign": "control: tuned without alignment"}
+REPA_KEYS = ("repa", "repa_encoder", "repa_weights", "repa_depth", "repa_weight", "repa_proj_dim")
+EXPORT_DIR = "tokenizer_export"
+RBEGIN = "<!-- BEGIN GENERATED repae (bench/replication/run.py --study repae) -->"
+REND = "<!-- END GENERATED repae -->"
+
+
+def repae_configs(mode: str, root: Path, seed: int) -> dict:
+    """{"kl": the plain-KL pipeline config, "repae": the REPA-E one, "repae_noalign": its control} of `seed`. The
+    REPA-E configs are <mode>.yaml + repae.yaml: their tokenizer stage is the joint run, which tunes the plain-KL
+    tokenizer of the same seed (its export, export_pipeline_tokenizer) for the generator budget N with checkpoints at
+    the generator's steps (its generator is the "joint" arm), with the generator's network, lr (optim.lr: the joint
+    generator's) and EMA decay, and samples with the generator's sample settings (the same per-index noise as every
+    arm); the control sets e2e.tokenizer_align_weight=0."""
+    import dataclasses
+
+    kl = study_config(mode, root, "kl", seed)
+    g = kl.generator.train
+    extra = (f"tokenizer.tokenizer.pretrained={kl.run_dir / EXPORT_DIR}", f"tokenizer.train.max_steps={g.max_steps}",
+             f"tokenizer.train.ckpt_every={g.ckpt_every}", f"tokenizer.train.keep_last={g.keep_last}",
+             f"tokenizer.train.ema_decay={g.ema_decay}", f"tokenizer.optim.lr={kl.generator.optim.lr}")
+    out = {"kl": kl}
+    for name, more in (("repae", ()), ("repae_noalign", ("tokenizer.e2e.tokenizer_align_weight=0",))):
+        cfg = study_config(mode, root, name, seed, extra + more, overlays=(HERE / "repae.yaml",))
+        joint = dataclasses.replace(cfg.tokenizer, model=cfg.generator.model, sample=cfg.generator.sample)
+        out[name] = dataclasses.replace(cfg, tokenizer=joint)
+    return out
+
+
+def repa_generator(pcfg, repae_pcfg):
+    """Pipeline `pcfg`'s generator stage with REPA as the joint stage of `repae_pcfg` has it (REPA_KEYS), run
+    generator_repa under pcfg's directory, on images encoded on the fly by pcfg's exported tokenizer (no cache)."""
+    import dataclasses
+
+    from ldm.pipeline import stage_configs
+
+    _, gen = stage_configs(pcfg)
+    d = dataclasses.replace(gen.diffusion, **{k: getattr(repae_pcfg.tokenizer.diffusion, k) for k in REPA_KEYS})
+    return dataclasses.replace(gen, name="generator_repa", diffusion=d,
+                               data=dataclasses.replace(gen.data, latents=None),
+                               tokenizer=dataclasses.replace(gen.tokenizer, checkpoint=str(pcfg.run_dir / EXPORT_DIR)))
+
+
+def finished(cfg) -> bool:
+    """Whether training run `cfg` has its last checkpoint."""
+    return (cfg.run_dir / "checkpoints" / f"step_{cfg.train.max_steps:07d}").is_dir()
+
+
+def measure_generator(arm: str, seed: int, gen, record_file: Path, settings: dict, cache_dir: Path,
+                      inception_weights: str | None, prepare=None) -> dict:
+    """Train run `gen` (after `prepare()`, which makes what it needs; skipped when its last checkpoint exists) and
+    measure gFD at FRACTIONS of its budget from its own checkpoints (a generator or a joint run); cached in
+    `record_file` for identical settings."""
+    from ldm.train.loop import fit
+
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            return record
+    start = time.perf_counter()
+    if prepare is not None:
+        prepare()
+    if not finished(gen):
+        fit(gen, progress=False)
+    seconds = {"train": round(time.perf_counter() - start, 1)}
+    start = time.perf_counter()
+    record: dict = {"arm": arm, "seed": seed, "settings": settings, "steps": [], "gfd_digits": [], "gfid": []}
+    for step in (round(frac * gen.train.max_steps) for frac in FRACTIONS):
+        ckpt, samples = (gen.run_dir / part / f"step_{step:07d}" for part in ("checkpoints", "samples"))
+        add_point(record, step, *sample_gfd(ckpt, samples, settings, cache_dir, gen.sample.seed, inception_weights))
+    return save_record(record, seconds, start, record_file)
+
+
+def export_pipeline_tokenizer(pcfg) -> Path:
+    """A pipeline's tokenizer as `ldm export` writes it, in <pipeline>/tokenizer_export: a diffusers AutoencoderKL
+    folder + latent_stats.json (a tokenizer run: its EMA weights and latent statistics; a joint run: its tuned
+    tokenizer and the EMA batch norm's statistics). Written beside and renamed into place; kept while its fingerprint
+    is the run's."""
+    import shutil
+
+    from ldm.tokenizers.export import export_tokenizer, load_tokenizer
+
+    out, run = pcfg.run_dir / EXPORT_DIR, pcfg.run_dir / "tokenizer"
+    if out.is_dir() and load_tokenizer(out).fingerprint == load_tokenizer(run).fingerprint:
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_tokenizer(run, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def tune_and_export(pcfg, plain_pcfg) -> Path:
+    """Train REPA-E pipeline `pcfg`'s joint run (unless finished) from `plain_pcfg`'s exported tokenizer, then export
+    its tuned tokenizer."""
+    from ldm.pipeline import stage_configs
+    from ldm.train.loop import fit
+
+    export_pipeline_tokenizer(plain_pcfg)
+    joint, _ = stage_configs(pcfg)
+    if not finished(joint):
+        fit(joint, progress=False)
+    return export_pipeline_tokenizer(pcfg)
+
+
+def measure_study_tokenizer(name: str, seed: int, pcfg, settings: dict, cache_dir: Path,
+                            inception_weights: str | None) -> dict:
+    """measure_tokenizer of pipeline `pcfg`'s exported tokenizer, cached in <pipeline>/study_tokenizer.json for
+    identical settings (diagnostics in <pipeline>/diagnostics)."""
+    from ldm.tokenizers.export import load_tokenizer
+
+    record_file = pcfg.run_dir / "study_tokenizer.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            return record
+    measured, seconds = measure_tokenizer(load_tokenizer(export_pipeline_tokenizer(pcfg)), pcfg.run_dir /
+                                          "diagnostics", settings, cache_dir, inception_weights)
+    record = {"tokenizer": name, "seed": seed, "settings": settings, **measured, "seconds": seconds}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def repae_tokenizer_tables(records: list[dict]) -> str:
+    """PSNR / rFD and the latent diagnostics per tokenizer (mean [min, max] over seeds), then each tuned tokenizer's
+    PSNR and CKNNA minus the plain one's, paired by seed."""
+    agg = aggregate(records, key="tokenizer", row=tokenizer_headline)
+    lines = stat_table(agg, REPAE_TOKENIZERS, recon_cols(agg)) + [""] + stat_table(agg, REPAE_TOKENIZERS, DIAG_COLS)
+    by = {(r["tokenizer"], r["seed"]): tokenizer_headline(r) for r in records}
+    for name in [t for t in agg if t != "kl"]:
+        seeds = [s for (t, s) in by if t == name and ("kl", s) in by]
+        if seeds:
+            delta = {k: np.array([by[(name, s)][k] - by[("kl", s)][k] for s in seeds]) for k in ("psnr", "cknna")}
+            lines += ["", (f"Paired by seed, {REPAE_TOKENIZERS[name]} − plain KL: PSNR {_spread(delta['psnr'])} dB, "
+                           f"CKNNA {_spread(delta['cknna'], 3)}.")]
+    return "\n".join(lines)
+
+
+def measure_repae_seed(mode: str, root: Path, seed: int, settings: dict, cache_dir: Path,
+                       weights: str | None) -> tuple[list[dict], list[dict]]:
+    """(the arms' gFD records, the tokenizers' records) of one seed, each run trained where needed, in an order where
+    each finds what it needs (the plain-KL pipeline, its export, the joint runs, their exports)."""
+    from ldm.pipeline import stage_configs
+
+    cfgs = repae_configs(mode, root, seed)
+    kl, repae, control = cfgs["kl"], cfgs["repae"], cfgs["repae_noalign"]
+    common = (settings, cache_dir, weights)
+    records = []
+
+    def report(rec: dict, t0: float) -> None:
+        records.append(rec)
+        print(f"{rec['arm']:<14} seed {seed}: gFD_digits " + " / ".join(f"{x:.2f}" for x in rec["gfd_digits"]) +
+              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    report(measure_arm(mode, root, "plain", seed, *common, None), t0)  # trains the plain-KL pipeline
+    t0 = time.perf_counter()
+    report(measure_generator("repa", seed, repa_generator(kl, repae), kl.run_dir / "study_repa.json", *common,
+                             prepare=lambda: export_pipeline_tokenizer(kl)), t0)
+    t0 = time.perf_counter()
+    report(measure_generator("joint", seed, stage_configs(repae)[0], repae.run_dir / "study_joint.json", *common,
+                             prepare=lambda: export_pipeline_tokenizer(kl)), t0)  # the tokenizer it starts from
+    for name, pcfg in (("repae", repae), ("repae_noalign", control)):
+        t0 = time.perf_counter()
+        report(measure_generator(name, seed, repa_generator(pcfg, repae), pcfg.run_dir / "study_repa.json", *common,
+                                 prepare=lambda p=pcfg: tune_and_export(p, kl)), t0)
+    tokenizers = []
+    for name, pcfg in (("kl", kl), ("repae", repae), ("repae_noalign", control)):
+        tokenizers.append(measure_study_tokenizer(name, seed, pcfg, *common))
+        print(f"{name:<14} seed {seed}: PSNR {tokenizers[-1]['psnr']:.2f}  rFD_digits "
+              f"{tokenizers[-1]['rfd_digits']:.2f}", flush=True)
+    return records, tokenizers
+
+
+def main_repae(args, seeds: list[int], settings: dict, weights: str | None) -> int:
+    root, start, records, tokenizers = Path(args.run_root), time.perf_counter(), [], []
+    cache_dir = root / args.mode / "fid_stats"
+    for seed in seeds:
+        arms, toks = measure_repae_seed(args.mode, root, seed, settings, cache_dir, weights)
+        records += arms
+        tokenizers += toks
+    wall = time.perf_counter() - start
+    steps = records[0]["steps"]
+    arm_table = arm_tables(records, steps, REPAE_ARMS, REPAE_PAIRS)
+    tok_table = repae_tokenizer_tables(tokenizers)
+    out = root / args.mode / "results_repae.json"
+    out.write_text(json.dumps({"mode": args.mode, "settings": settings, "seeds": seeds, "runs": records,
+                               "tokenizers": [{k: v for k, v in r.items() if k != "diagnostics"} |
+                                              {"headline": tokenizer_headline(r)} for r in tokenizers]}, indent=2)
+                   + "\n")
+    per_arm = {a: np.mean([sum(r["seconds"].values()) for r in records if r["arm"] == a])
+               for a in dict.fromkeys(r["arm"] for r in records)}
+    timing = ("Time per seed, training + sampling as recorded when each arm ran (an arm's training includes the runs "
+              "it was the first to need: plain the plain-KL pipeline, repae and repae_noalign their joint runs): " +
+              ", ".join(f"{a} {s / 60:.1f} min" for a, s in per_arm.items()) + "; tokenizer measurements "
+              f"{np.mean([sum(r['seconds'].values()) for r in tokenizers]) / 60:.1f} min.")
+    print(arm_table, tok_table, timing, sep="\n\n")
+    print(f"wrote {out}; wall time {wall / 60:.1f} min")
+    if not args.no_docs:
+        write_study_block(RBEGIN, REND, f"{study_header('repae', args, seeds, settings, wall)}\n\n{arm_table}\n\n"
+                                        f"{tok_table}\n\n{timing}")
+        print("wrote docs/replication.md (REPA-E block)")
     return 0
 
 
@@ -487,9 +785,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-weights", default=None, help="FID Inception weights (default: $LDM_SHARED or "
                    "../shared weights/fid_inception_v3_tf2015.pth when present)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/replication.md and assets/")
-    p.add_argument("--study", choices=["tokenizers", "decoder_losses"], default="tokenizers",
+    p.add_argument("--study", choices=["tokenizers", "decoder_losses", "repae"], default="tokenizers",
                    help="tokenizers: plain vs EQ-VAE vs VA-VAE latents; decoder_losses: plain vs + LPL vs + pixel "
-                        "post-training of the generator on the plain tokenizer (--arms)")
+                        "post-training of the generator on the plain tokenizer (--arms); repae: REPA on the frozen "
+                        "plain tokenizer vs REPA-E tuning of it, then generators on the tuned tokenizer")
     p.add_argument("--arms", default=",".join(DECODER_ARMS), help=f"--study decoder_losses: comma list of "
                                                                    f"{list(DECODER_ARMS)}")
     args = p.parse_args(argv)
@@ -512,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.study == "decoder_losses":
         return main_decoder_losses(args, seeds, settings, weights)
+    if args.study == "repae":
+        return main_repae(args, seeds, settings, weights)
     root = Path(args.run_root)
     cache_dir = root / args.mode / "fid_stats"
     start = time.perf_counter()

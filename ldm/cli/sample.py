@@ -21,7 +21,8 @@ from ldm.config import SampleCfg
 SAMPLER_NAMES = tuple(sorted(names.SAMPLER_NAMES))  # the choices of sample.sampler, sorted for the help text
 
 DESCRIPTION = """\
-Sample images from a generator run (EMA weights by default).
+Sample images from a generator run (EMA weights by default), or from the generator of a joint
+(stage end_to_end, REPA-E) run, decoded by that run's own tuned tokenizer.
 
   ldm sample runs/dit_s2 --num 64 --grid --out samples/look
   ldm sample runs/dit_s2 --num 50000 --cfg 1.5 --interval 0,0.7 --npz --out samples/fid50k
@@ -66,8 +67,8 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "sample", cmd_sample, description=DESCRIPTION,
                     help="sample a trained generator: PNGs by index, a grid, an ADM .npz (sharded, resumable)")
     p.add_argument("config", metavar="RUN_OR_CKPT", nargs="*",
-                   help="generator run directory (uses its latest checkpoint) or a checkpoint directory (left out "
-                        "with --official), then sample.<key>=value overrides")
+                   help="generator or end_to_end run directory (uses its latest checkpoint) or a checkpoint "
+                        "directory (left out with --official), then sample.<key>=value overrides")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (default: RUN/samples/<checkpoint>-<sampler><steps>-cfg<w>-seed<s>)")
     k = KeyFlags("sample", SampleCfg)

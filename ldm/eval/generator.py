@@ -15,7 +15,8 @@ state and updates stay fp32 (as the training loop's autocast covers the forward 
 logged once per process. Whoever extracts FID features does so outside this scope, in fp32.
 
 Three ways to get one, all sampling through the same code:
-    load_generator(run_or_checkpoint)              a run trained here (EMA weights by default)
+    load_generator(run_or_checkpoint)              a generator or joint (end_to_end) run trained here (EMA weights by
+                                                   default)
     load_official_generator(kind, weights, ...)    released DiT / SiT / LightningDiT weights, sampled by default as
                                                    their own sample scripts do (OFFICIAL_SETUPS)
     GeneratorTask.generator(network)               the network being trained (periodic FID, sample grids)
@@ -220,23 +221,24 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
 
     The tokenizer is the one recorded in the run's config (or `tokenizer`, checked against the recorded fingerprint).
     use_ema=True loads the EMA weights and fails clearly when the checkpoint has none. `overrides` replace top-level
-    sections of the recorded config.
+    sections of the recorded config. A joint run (stage end_to_end, REPA-E) gives its own generator, decoded by its
+    own tuned tokenizer (`_load_joint_generator`).
     """
     from ldm.models import build_generator_model
-    from ldm.runs import load_checkpoint, load_state_strict, resolve_checkpoint
+    from ldm.runs import load_checkpoint, load_state_strict
     from ldm.tokenizers.export import load_tokenizer
 
-    from ldm.hub import resolve_path
-
-    ckpt_dir = resolve_checkpoint(resolve_path(path))  # a run or checkpoint directory, or an hf:// reference to one
+    ckpt_dir = _checkpoint_dir(path)
     ckpt = load_checkpoint(ckpt_dir)
     meta = ckpt["state"].get("task", {})
-    if meta.get("kind") != "generator":
-        raise ValueError(f"{ckpt_dir} is not a generator checkpoint (it was written by a "
-                         f"{meta.get('kind', 'tokenizer')!r} run)")
     cfg = config_from_dict(ckpt["state"]["config"])
     if overrides:
         cfg = config_from_dict({**ckpt["state"]["config"], **overrides})
+    if meta.get("kind") == "end_to_end":
+        return _load_joint_generator(ckpt_dir, ckpt, cfg, use_ema=use_ema, tokenizer=tokenizer).to(device)
+    if meta.get("kind") != "generator":
+        raise ValueError(f"{ckpt_dir} is not a generator checkpoint (it was written by a "
+                         f"{meta.get('kind', 'tokenizer')!r} run; sampling takes generator and end_to_end runs)")
     tok = load_tokenizer(tokenizer or tokenizer_path(cfg.tokenizer))
     if tok.fingerprint != meta["tokenizer_fingerprint"]:
         raise ValueError(f"tokenizer {tok.source!r} (fingerprint {tok.fingerprint}) is not the one generator "
@@ -264,6 +266,65 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
                     learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg,
                     text_encoder=text_encoder)
     return gen.to(device)
+
+
+def _checkpoint_dir(path: str | FsPath) -> FsPath:
+    """The checkpoint directory of a run or checkpoint directory (or an hf:// reference to one); a run directory
+    that has not written a checkpoint yet is one line saying so."""
+    from ldm.hub import resolve_path
+    from ldm.runs import resolve_checkpoint
+
+    local = FsPath(resolve_path(path))
+    if (local / "config.yaml").is_file() and not (local / "latest").is_file() and not (local / "state.pt").is_file():
+        raise FileNotFoundError(f"run {str(local)!r} has no checkpoint yet: sample it once training has written one "
+                                f"(every train.ckpt_every steps and at the end)")
+    return resolve_checkpoint(local)
+
+
+# LatentGenerator's parts (ldm/train/end_to_end_task.py): the EMA file holds the module itself ("net.*", "bn.*"),
+# model.safetensors holds it under the task attribute "generator." beside the autoencoder, discriminator, projector
+JOINT_GENERATOR, JOINT_NET, JOINT_BN = "generator.", "net", "bn"
+
+
+def _load_joint_generator(ckpt_dir: FsPath, ckpt: dict, cfg: RunConfig, *, use_ema: bool,
+                          tokenizer: str | None) -> Generator:
+    """The generator of a joint run (stage end_to_end, REPA-E; ldm/train/end_to_end_task.py), sampled as its
+    training grids sample it (EndToEndTask.sampler): the network and its latent batch norm from the EMA weights
+    (ema.safetensors, as REPA-E's generate.py samples ckpt["ema"]) or, use_ema=False, the live ones; the sampled
+    latents de-normalised with that batch norm's running mean and sqrt(running var) (REPA-E train_repae.py L514-519,
+    without eps; LatentBatchNorm.latent_mean_std) and decoded by the run's tuned tokenizer of the same checkpoint
+    (its "autoencoder.*" weights: REPA-E keeps no EMA of the VAE). `tokenizer` may name another copy of that
+    tokenizer (e.g. its `ldm export` folder): refused unless its fingerprint is the run's."""
+    from ldm.models import build_generator_model
+    from ldm.models.latent_bn import LatentBatchNorm
+    from ldm.runs import load_state_strict
+    from ldm.tokenizers.export import load_tokenizer
+
+    meta = ckpt["state"]["task"]
+    own = load_tokenizer(ckpt_dir, use_ema=use_ema)
+    tok = own
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if tok.fingerprint != own.fingerprint:
+            raise ValueError(f"--tokenizer {tokenizer} (fingerprint {tok.fingerprint}) is not the tokenizer joint run "
+                             f"{ckpt_dir} tuned (fingerprint {own.fingerprint}); leave --tokenizer out to decode with "
+                             f"the run's own")
+    latent_shape = tuple(meta["latent_shape"])
+    model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
+                                  num_classes=meta["num_classes"])
+    parts = nn.ModuleDict({JOINT_NET: model, JOINT_BN: LatentBatchNorm(latent_shape[0])})
+    if use_ema:
+        if ckpt["ema"] is None:
+            raise ValueError(f"{ckpt_dir} has no EMA weights (the run had train.ema=false); sample with --no-ema")
+        load_state_strict(parts, ckpt["ema"], f"{ckpt_dir}/ema.safetensors")
+    else:
+        state = {k[len(JOINT_GENERATOR):]: v for k, v in ckpt["model"].items() if k.startswith(JOINT_GENERATOR)}
+        load_state_strict(parts, state, f"{ckpt_dir}/model.safetensors ('{JOINT_GENERATOR}*')")
+    mean, std = parts[JOINT_BN].latent_mean_std()
+    normalizer = LatentNormalizer("channel", latent_shape[0], mean=mean, std=std)
+    return Generator(model=model.eval(), normalizer=normalizer, tokenizer=tok, path=get_path(cfg.diffusion.path),
+                     prediction=cfg.diffusion.prediction, num_classes=meta["num_classes"], latent_shape=latent_shape,
+                     learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg)
 
 
 CAPTION_DIMS = ("caption_dim", "caption_tokens", "pooled_dim")  # the DiT's text kwargs in a checkpoint's task facts
