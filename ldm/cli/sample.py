@@ -28,6 +28,7 @@ Sample images from a generator run (EMA weights by default), or from the generat
   ldm sample runs/dit_s2 --num 50000 --cfg 1.5 --interval 0,0.7 --npz --out samples/fid50k
   ldm sample runs/dit_s2 sample.sampler=heun sample.steps=8 sample.cfg_scale=2.0   (the same keys as key=value)
   ldm sample runs/t2i --prompt "a handwritten digit seven" --prompts prompts.txt --cfg 4 -n 40 --grid
+  ldm sample runs/emb --prompt-embeddings prompts.npy --cfg 4 -n 40 --grid   (a run on text.embeddings)
   torchrun --nproc_per_node 8 sample.py runs/dit_s2 -n 50000 --npz --out samples/fid50k
   accelerate launch --num_processes 8 sample.py runs/dit_s2 -n 50000 ...   (same, via accelerate)
   ldm sample --official dit --weights DiT-XL-2-256x256.pt --tokenizer sd-vae-ft-ema --cfg 1.5 \\
@@ -47,7 +48,9 @@ LABELS = """\
 labels: sample i gets classes[i mod K] (cycle), classes[hash(seed, i) mod K] (random), or blocks of
 ceil(num/K) consecutive samples per class (grid: one class per grid row). Text models: the K prompts
 of --prompt / --prompts take the place of the classes (--cfg guides towards each prompt against the
-null caption); without prompts they sample unconditionally.
+null caption); without prompts they sample unconditionally. Runs trained on precomputed embeddings
+(text.embeddings) take the K rows of --prompt-embeddings instead, each written beside its PNG as
+"embedding:FILE#row".
 
 config keys (set any as sample.<key>=value; [--flag] is its short alias; the defaults below are the schema's,
 a run's own `sample:` values take their place):"""
@@ -83,6 +86,11 @@ def register(subparsers) -> None:
                         "gets its prompt beside it as NNNNNN.txt, the grid its grid.txt")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="text models: a file of prompts, one per non-empty line (added after any --prompt)")
+    p.add_argument("--prompt-embeddings", default=None, metavar="FILE",
+                   help="models trained on precomputed embeddings (text.embeddings): a .npy / .npz with one "
+                        "embedding per prompt, in the stacked formats text.embeddings takes ((N, D) pooled, (N, L, D) "
+                        "per-token, .npz tokens / mask / pooled or PixArt's caption_feature / attention_mask); the "
+                        "rows take the place of classes, each PNG gets 'embedding:FILE#row' beside it")
     k.add(p, "--seed", field="seed", type=int, help="global seed")
     g = p.add_argument_group("sampler (default: the run's sample.* values)")
     k.add(g, "--sampler", field="sampler", metavar="NAME", help=f"one of {', '.join(SAMPLER_NAMES)}")
@@ -183,7 +191,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     result = write_samples(gen, out, num=sample_cfg.num, classes=args.classes, label_order=args.label_order,
                            sample_cfg=sample_cfg, batch_size=sample_cfg.batch_size, decode_batch=args.decode_batch,
                            grid=args.grid, grid_size=args.grid_size, npz=args.npz, progress=not args.no_progress,
-                           prompts=_prompts(args))
+                           prompts=_prompts(args), prompt_embeddings=args.prompt_embeddings)
     if accelerator.is_main_process:
         print(_summary(result, out, gen))
     return 0

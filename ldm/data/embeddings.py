@@ -24,6 +24,13 @@ pooled embedding is given, it is the mean of the real tokens (the rule of the T5
 Refused, in one line naming the file and the fix: a missing file, a dtype that is not float, NaN or infinite values,
 mixed widths D (or Dp), pooled (D,) files beside per-token (L, D) ones, pooled given for some images only, more tokens
 than text.max_tokens, a mask with no real token, a row count that is not the number of images.
+
+Prompts for sampling such a generator (`ldm sample --prompt-embeddings FILE`, `read_prompt_embeddings`): FILE holds
+one embedding per prompt in the stacked formats above (FILE.npy (N, D) / (N, L, D); FILE.npz with tokens / mask /
+pooled, or PixArt-alpha's caption_feature / attention_mask), read and completed by the same code as the training
+data, checked against what the generator was trained on (token width, at most its caption tokens, pooled width, and
+whether its pooled embeddings were given or the token mean) and zero-padded, masked, to its caption tokens. Training
+grids of such a run take `grid_rows`: the first distinct embeddings of the training data.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class PrecomputedEmbeddings:
     embeddings: CaptionEmbeddings
     fingerprint: str
     source: str  # where they came from, for checkpoints and messages
+    pooled_given: bool = False  # a "pooled" array beside the tokens (else pooled = the real tokens' mean, or the one
+    #                             token of a pooled-only embedding, which is that mean too)
 
     @property
     def token_dim(self) -> int:
@@ -194,7 +203,7 @@ def _complete(tokens, mask, pooled, where: str, max_tokens: int) -> CaptionEmbed
 
 
 # ------------------------------------------------------------------------------------------------------ sources
-def _stacked(source: ImageSource, path: Path, max_tokens: int) -> CaptionEmbeddings:
+def _stacked(source: ImageSource, path: Path, max_tokens: int) -> tuple[CaptionEmbeddings, bool]:
     if not path.is_file():
         raise FileNotFoundError(f"text.embeddings={str(path)!r}: no such file (an .npy / .npz with one row per image "
                                 f"of data.source, in its order)")
@@ -203,10 +212,10 @@ def _stacked(source: ImageSource, path: Path, max_tokens: int) -> CaptionEmbeddi
     if rows != len(source):
         raise ValueError(f"{path}: {rows} rows for the {len(source)} images of the data source; row i must be image "
                          f"i in the source's order (e.g. {source.names[0]!r} first)")
-    return _complete(tokens, mask, pooled, str(path), max_tokens)
+    return _complete(tokens, mask, pooled, str(path), max_tokens), tokens is not None and pooled is not None
 
 
-def _sidecars(source: FolderSource, max_tokens: int) -> CaptionEmbeddings:
+def _sidecars(source: FolderSource, max_tokens: int) -> tuple[CaptionEmbeddings, bool]:
     parts, first = [], None
     for image in source.paths:
         path = next((p for p in (image.with_suffix(".npy"), image.with_suffix(".npz")) if p.is_file()), None)
@@ -220,7 +229,8 @@ def _sidecars(source: FolderSource, max_tokens: int) -> CaptionEmbeddings:
         parts.append(part)
     tokens, mask, pooled = zip(*parts)
     if tokens[0] is None:  # pooled-only embeddings
-        return _complete(None, None, np.concatenate(pooled), f"sidecar embeddings under {source.root}", max_tokens)
+        return _complete(None, None, np.concatenate(pooled), f"sidecar embeddings under {source.root}",
+                         max_tokens), False
     longest = max(t.shape[1] for t in tokens)
     if longest > max_tokens:
         path = source.paths[next(i for i, t in enumerate(tokens) if t.shape[1] == longest)]
@@ -233,7 +243,7 @@ def _sidecars(source: FolderSource, max_tokens: int) -> CaptionEmbeddings:
         out[i, :t.shape[1]] = t[0]
         out_mask[i, :t.shape[1]] = True if m is None else m[0]
     return _complete(out, out_mask, None if pooled[0] is None else np.concatenate(pooled).astype(np.float32),
-                     f"sidecar embeddings under {source.root}", max_tokens)
+                     f"sidecar embeddings under {source.root}", max_tokens), pooled[0] is not None
 
 
 def _check_alike(part, path: Path, first_path: Path, first) -> None:
@@ -255,7 +265,7 @@ def _check_alike(part, path: Path, first_path: Path, first) -> None:
 def load_embeddings(source: ImageSource, spec: str, *, max_tokens: int) -> PrecomputedEmbeddings:
     """The precomputed embeddings `spec` ("sidecar" or a .npy / .npz path) of every image of `source`."""
     if spec == SIDECAR and isinstance(source, FolderSource):
-        embeddings, where = _sidecars(source, max_tokens), f"sidecar embeddings under {source.root}"
+        (embeddings, given), where = _sidecars(source, max_tokens), f"sidecar embeddings under {source.root}"
     elif spec == SIDECAR:
         raise ValueError(f"text.embeddings=sidecar reads <image>.npy / <image>.npz files beside the images of a "
                          f"folder; a {type(source).__name__} has no such files: give one FILE.npy with a row per "
@@ -265,7 +275,91 @@ def load_embeddings(source: ImageSource, spec: str, *, max_tokens: int) -> Preco
         if path.suffix not in (".npy", ".npz"):
             raise ValueError(f"text.embeddings={spec!r}: expected 'sidecar' (an .npy / .npz beside every image) or "
                              f"a .npy / .npz file with one row per image")
-        embeddings, where = _stacked(source, path, max_tokens), str(path)
+        (embeddings, given), where = _stacked(source, path, max_tokens), str(path)
     captions = CaptionSet.from_captions([[name] for name in source.names], f"precomputed embeddings ({where})")
     fingerprint = _fingerprint(embeddings.tokens, embeddings.mask, embeddings.pooled)
-    return PrecomputedEmbeddings(captions, embeddings, fingerprint, f"precomputed embeddings {where}")
+    return PrecomputedEmbeddings(captions, embeddings, fingerprint, f"precomputed embeddings {where}", given)
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def _padded(embeddings: CaptionEmbeddings, max_tokens: int) -> CaptionEmbeddings:
+    """Tokens (N, L, D) zero-padded and masked to (N, max_tokens, D), as shorter training embeddings are padded."""
+    n, length, width = embeddings.tokens.shape
+    tokens = np.zeros((n, max_tokens, width), dtype=embeddings.tokens.dtype)  # (N, max_tokens, D)
+    mask = np.zeros((n, max_tokens), dtype=bool)  # (N, max_tokens)
+    tokens[:, :length], mask[:, :length] = embeddings.tokens, embeddings.mask
+    return CaptionEmbeddings(tokens, mask, np.asarray(embeddings.pooled))
+
+
+def read_prompt_embeddings(path: str | Path, *, token_dim: int, max_tokens: int, pooled_dim: int | None,
+                           pooled_given: bool | None = None) -> PrecomputedEmbeddings:
+    """The prompts of `ldm sample --prompt-embeddings FILE`: one embedding per row of FILE, in the stacked formats of
+    text.embeddings, for a generator trained on precomputed embeddings of width `token_dim` with `max_tokens` caption
+    tokens (its caption_dim / caption_tokens) and pooled width `pooled_dim` (None: it takes no pooled embedding).
+
+    Read and completed as training data are (`_read_npy_or_npz`, `_complete`: a missing pooled embedding is the mean
+    of the real tokens), then zero-padded, masked, to max_tokens. Refused in one line naming the file and the shape
+    the generator expects: another width, more tokens than max_tokens, pooled-only (N, D) rows for a generator trained
+    on several tokens, a pooled width that is not pooled_dim, and, when `pooled_given` records how the training data
+    made their pooled embeddings (None: not recorded), a separate "pooled" array where they had none or none where
+    they had one. Prompt i's caption text is "embedding:FILE#i" (FILE as given)."""
+    where = str(path)
+    path = Path(path).expanduser()
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"--prompt-embeddings {where}: expected a .npy / .npz file with one embedding per prompt")
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-embeddings {where}: no such file (an .npy / .npz with one embedding per "
+                                f"prompt)")
+    tokens, mask, pooled = _read_npy_or_npz(path, sidecar=False)
+    expected = (f"(N, {token_dim}) pooled or (N, 1, {token_dim}) embeddings" if max_tokens == 1 else
+                f"(N, L, {token_dim}) per-token embeddings with L <= {max_tokens}")
+    rows = len(tokens) if tokens is not None else len(pooled)
+    width = (tokens if tokens is not None else pooled).shape[-1]
+    if rows == 0:
+        raise ValueError(f"{where}: no embedding (0 rows); expected {expected}, one row per prompt")
+    if tokens is None and max_tokens > 1:
+        raise ValueError(f"{where}: pooled (N, {width}) embeddings, but the generator was trained on per-token "
+                         f"embeddings of up to {max_tokens} tokens; expected {expected}")
+    if width != token_dim:
+        raise ValueError(f"{where}: embeddings of width {width}, but the generator was trained on width {token_dim}; "
+                         f"expected {expected}")
+    if tokens is not None and tokens.shape[1] > max_tokens:
+        raise ValueError(f"{where}: {tokens.shape[1]} tokens per embedding, more than the {max_tokens} the generator "
+                         f"was trained on; expected {expected}")
+    given = tokens is not None and pooled is not None
+    if pooled_dim is not None:  # the generator adds the pooled embedding to its condition
+        if pooled_given is not None and given != pooled_given:
+            raise ValueError(
+                f"{where}: a 'pooled' array, but the generator's pooled embeddings were the mean of the real tokens "
+                f"(its training embeddings gave none); leave 'pooled' out" if given else
+                f"{where}: no 'pooled' array, but the generator was trained with one beside the tokens; expected an "
+                f".npz with 'tokens' (N, L, {token_dim}) and 'pooled' (N, {pooled_dim})")
+        pooled_width = pooled.shape[1] if pooled is not None else width
+        if pooled_width != pooled_dim:
+            raise ValueError(f"{where}: pooled embeddings of width {pooled_width}, but the generator takes "
+                             f"{pooled_dim}; expected a 'pooled' (N, {pooled_dim}) array")
+    embeddings = _padded(_complete(tokens, mask, pooled, where, max_tokens), max_tokens)
+    captions = CaptionSet.from_captions([[f"embedding:{where}#{i}"] for i in range(rows)], f"prompt embeddings {where}")
+    # of what the network is given (float32 rows, CaptionEmbeddings.rows): float16 and float32 copies are one prompt set
+    fingerprint = _fingerprint(embeddings.tokens.astype(np.float32), embeddings.mask,
+                               embeddings.pooled.astype(np.float32))
+    return PrecomputedEmbeddings(captions, embeddings, fingerprint, f"prompt embeddings {where}", given)
+
+
+def grid_rows(pre: PrecomputedEmbeddings, count: int = 10, *, scan: int = 1000) -> PrecomputedEmbeddings:
+    """The embeddings of the first `count` training images whose embeddings differ (looking at the first `scan`), as
+    prompts: what training grids and periodic FID of a run on precomputed embeddings are conditioned on, as an
+    encoder run's are on its first distinct captions. Prompt k's caption text is "embedding of <image name>"."""
+    e, picked, seen = pre.embeddings, [], set()
+    for i in range(min(scan, len(e.tokens))):
+        key = _fingerprint(np.asarray(e.tokens[i]), np.asarray(e.mask[i]), np.asarray(e.pooled[i]))
+        if key not in seen:
+            seen.add(key)
+            picked.append(i)
+        if len(picked) == count:
+            break
+    rows = CaptionEmbeddings(np.asarray(e.tokens[picked]), np.asarray(e.mask[picked]), np.asarray(e.pooled[picked]))
+    captions = CaptionSet.from_captions([[f"embedding of {pre.captions.texts[i]}"] for i in picked],
+                                        f"the first distinct rows of {pre.source}")
+    return PrecomputedEmbeddings(captions, rows, _fingerprint(rows.tokens, rows.mask, rows.pooled), pre.source,
+                                 pre.pooled_given)

@@ -121,8 +121,8 @@ def load_text_encoder(name_or_path: str | None, *, max_tokens: int = 77, device:
     text.encoder is null) is a ValueError: a generator trained on precomputed embeddings has no encoder."""
     if name_or_path is None:
         raise ValueError("no text encoder to load: text.encoder is null (a generator trained on precomputed "
-                         "embeddings, text.embeddings, has none, and loading such a generator for sampling is not "
-                         "supported yet: docs/conditioning.md, 'Precomputed embeddings')")
+                         "embeddings, text.embeddings, has none: sample it with --prompt-embeddings FILE, "
+                         "docs/conditioning.md)")
     transformers = _require_transformers()
     transformers.utils.logging.disable_progress_bar()  # one weight file per run: a bar per tensor group is noise
     local = Path(name_or_path).expanduser()

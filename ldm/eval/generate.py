@@ -229,7 +229,7 @@ ADDED_IDENTITY_KEYS = {"compute_precision": "fp32"}
 
 def sample_identity(gen: Generator, sample_cfg: SampleCfg, *, seed: int, classes: list[int] | None,
                     label_order: str, num: int, prompts: Sequence[str] | None = None,
-                    precision: str = "fp32") -> dict:
+                    precision: str = "fp32", prompt_fingerprint: str | None = None) -> dict:
     """Everything that decides what image i looks like. A folder's images all share one identity.
 
     Every SampleCfg field but SAMPLE_NON_IDENTITY_FIELDS (ldm/config.py) is recorded, so a new sampler option joins
@@ -237,7 +237,9 @@ def sample_identity(gen: Generator, sample_cfg: SampleCfg, *, seed: int, classes
     weights). --num (except for label_order "grid", whose block labels depend on it), --batch, the process count
     and --decode-batch are left out: they change how many images or how fast, not which. `precision` is what
     sample.precision resolved to on this device (`sampling_precision`: auto is bf16 on CUDA, fp32 on a CPU without
-    native bf16), recorded as compute_precision, so a folder never mixes bf16 and fp32 samples."""
+    native bf16), recorded as compute_precision, so a folder never mixes bf16 and fp32 samples. Prompts are recorded
+    as the list (`prompts`) or, for embedding prompts, as the rows' fingerprint (`prompt_fingerprint`), not the file
+    name: the same arrays under another name are the same prompts."""
     ident = {"checkpoint": str(FsPath(gen.checkpoint).resolve()), "use_ema": bool(gen.used_ema),
              "tokenizer_fingerprint": gen.tokenizer.fingerprint, "latent_shape": list(gen.latent_shape),
              "seed": int(seed), "classes": classes, "label_order": label_order,
@@ -248,6 +250,8 @@ def sample_identity(gen: Generator, sample_cfg: SampleCfg, *, seed: int, classes
         ident["num"] = int(num)
     if prompts is not None:  # text models: the labels are ids into this list
         ident["prompts"] = list(prompts)
+    if prompt_fingerprint is not None:  # models on precomputed embeddings: ids into the rows of this fingerprint
+        ident["prompt_embeddings"] = prompt_fingerprint
     return ident
 
 
@@ -334,9 +338,10 @@ def _barrier(world: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ the writer
 def _check_request(gen: Generator, sample_cfg: SampleCfg, *, num: int, seed: int, batch_size: int,
-                   decode_batch: int, grid_size: int, classes, label_order: str, prompts=None):
+                   decode_batch: int, grid_size: int, classes, label_order: str, prompts=None,
+                   prompt_embeddings=None):
     """Validate a write_samples request before anything is written: (run config recorded in the folder, class ids;
-    with `prompts`, the prompt ids, which take the place of classes)."""
+    with `prompts` or `prompt_embeddings`, the prompt ids, which take the place of classes)."""
     from ldm.config import validate
 
     for key, value in (("--num", num), ("--batch", batch_size), ("--decode-batch", decode_batch),
@@ -347,14 +352,20 @@ def _check_request(gen: Generator, sample_cfg: SampleCfg, *, num: int, seed: int
                                                                       batch_size=min(batch_size, num)))
     validate(run_cfg)  # ConfigError naming sample.<key>
     get_sampler(sample_cfg.sampler)
-    if prompts is not None:
+    if prompts is not None and prompt_embeddings is not None:
+        raise ValueError("--prompt / --prompts and --prompt-embeddings exclude each other: a model trained on "
+                         "precomputed embeddings takes --prompt-embeddings, one with a text encoder --prompt")
+    if prompts is not None or prompt_embeddings is not None:
         if classes not in (None, "all"):
-            raise ValueError(f"--classes={classes!r} and --prompt / --prompts exclude each other: a text model's "
-                             f"samples follow the prompts")
-        gen.set_prompts(prompts)  # ValueError for a generator without a text encoder
+            raise ValueError(f"--classes={classes!r} and --prompt / --prompts / --prompt-embeddings exclude each "
+                             f"other: a text model's samples follow the prompts")
+        if prompts is not None:
+            gen.set_prompts(prompts)  # ValueError for a generator without a text encoder
+        else:
+            gen.load_prompt_embeddings(prompt_embeddings)  # ValueError for a generator not trained on embeddings
         if label_order not in LABEL_ORDERS:
             raise ValueError(f"--label-order={label_order!r}; expected one of {list(LABEL_ORDERS)}")
-        return run_cfg, list(range(len(prompts)))
+        return run_cfg, list(range(gen.num_prompts))
     if sample_cfg.cfg_scale != 1.0 and gen.num_classes < 1:
         raise ValueError(f"--cfg (sample.cfg_scale={sample_cfg.cfg_scale}): classifier-free guidance needs a class-"
                          f"conditional model, and {gen.checkpoint} is unconditional (num_classes=0); use --cfg 1")
@@ -396,12 +407,16 @@ def _finish_folder(out: FsPath, result: dict, *, num: int, classes: list[int] | 
 def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str | Sequence[int] | None = None,
                   label_order: str = "cycle", seed: int | None = None, sample_cfg: SampleCfg | None = None,
                   batch_size: int | None = None, decode_batch: int = 8, grid: bool = True, grid_size: int = 64,
-                  npz: bool = True, progress: bool = True, prompts: Sequence[str] | None = None) -> dict[str, Any]:
+                  npz: bool = True, progress: bool = True, prompts: Sequence[str] | None = None,
+                  prompt_embeddings: str | FsPath | None = None) -> dict[str, Any]:
     """Write samples 0 .. num-1 of a Generator to `out` as PNGs (+ grid.png, samples.npz, sample_config.yaml).
 
     Text models: `prompts` take the place of classes (sample i gets prompt labels_for(i) of the list, by
     label_order), each PNG gets its prompt beside it as NNNNNN.txt (the sidecar caption format of
     ldm/data/captions.py, written before the PNG), grid.png its grid.txt and sample_config.yaml the list.
+    Models trained on precomputed embeddings: `prompt_embeddings` (a .npy / .npz, one embedding per row; read by
+    Generator.load_prompt_embeddings) take their place; row r's caption text is "embedding:FILE#r", and
+    sample_config.yaml records the rows' fingerprint.
 
     sample_cfg (default gen.cfg.sample) gives sampler, steps, guidance and time grid; seed defaults to its seed.
     Sharded over the processes of torch.distributed (torchrun / accelerate launch): the indices still missing are
@@ -423,19 +438,24 @@ def write_samples(gen: Generator, out: str | FsPath, *, num: int, classes: str |
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size
     run_cfg, classes = _check_request(gen, sample_cfg, num=num, seed=seed, batch_size=batch_size,
                                       decode_batch=decode_batch, grid_size=grid_size, classes=classes,
-                                      label_order=label_order, prompts=prompts)
+                                      label_order=label_order, prompts=prompts,
+                                      prompt_embeddings=prompt_embeddings)
     batch_size = run_cfg.sample.batch_size  # min(--batch, --num): the same on any process count / resume
 
     out = FsPath(out)
     rank, world = dist_info()
     identity = sample_identity(gen, sample_cfg, seed=seed, classes=classes, label_order=label_order, num=num,
-                               prompts=prompts, precision=sampling_precision(sample_cfg.precision, gen.device))
+                               prompts=prompts, precision=sampling_precision(sample_cfg.precision, gen.device),
+                               prompt_fingerprint=None if prompt_embeddings is None else gen.prompt_fingerprint)
+    if prompt_embeddings is not None:
+        prompts = gen.prompts  # the caption text of each row, written beside the PNGs as prompts are
     check_sample_folder(out, identity)  # every process checks (read-only) so all fail together
     _barrier(world)
     if rank == 0:
         files = "NNNNNN.png by global index" + (f", {NPZ_NAME}" if npz else "")
         _start_folder(out, {"identity": identity, "num": num, "batch_size": batch_size, "decode_batch": decode_batch,
                             "processes": world, "files": files, "git_sha": git_sha(),
+                            **({} if prompt_embeddings is None else {"prompt_embeddings_file": str(prompt_embeddings)}),
                             "run_config": as_container(run_cfg)})
         _remove_damaged(out, num)  # rank 0 only: the others list the folder after the barrier below
     _barrier(world)

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from ldm.diffusion.samplers import get_sampler, make_denoiser, randn_like, sampl
 from ldm.precision import inference_autocast, resolve_inference_precision
 from ldm.seeding import index_generators
 from ldm.tokenizers.stats import LatentNormalizer, normalizer_for
+
+if TYPE_CHECKING:
+    from ldm.data.embeddings import PrecomputedEmbeddings
 
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[tuple[str, str]] = set()  # (precision, why) already logged by this process
@@ -131,8 +134,16 @@ class Generator:
     used_ema: bool = False
     cfg: RunConfig | None = None          # the run config it was trained with (loaded generators; sample defaults)
     text_encoder: nn.Module | None = None  # text models: the frozen ldm.encoders.text.TextEncoder of the prompts
-    prompts: list[str] | None = None      # text models: set_prompts(); labels are then prompt ids
+    caption: dict | None = None           # text models: the checkpoint's caption facts (GeneratorTask.describe "text")
+    prompts: list[str] | None = None      # text models: set_prompts() / set_prompt_embeddings(); labels = prompt ids
+    prompt_fingerprint: str | None = None  # set_prompt_embeddings(): the rows' fingerprint (sample-folder identity)
     _prompt_table: Any = None
+    _prompt_rows: Any = None              # set_prompt_embeddings(): the TextCondition of the prompts, as given
+
+    @property
+    def precomputed(self) -> bool:
+        """Trained on precomputed caption embeddings (text.embeddings): prompts are embeddings, there is no encoder."""
+        return bool(self.caption and self.caption.get("precomputed"))
 
     @property
     def num_prompts(self) -> int:
@@ -143,6 +154,10 @@ class Generator:
         prompts as classes (models/text_cond.PromptTable)."""
         from ldm.models.text_cond import PromptTable, TextCondition
 
+        if self.precomputed:
+            raise ValueError(f"--prompt / --prompts: {self.checkpoint} was trained on precomputed embeddings "
+                             f"(text.embeddings) and has no text encoder to embed text; pass --prompt-embeddings FILE "
+                             f"(.npy / .npz, one embedding per prompt)")
         if self.text_encoder is None:
             raise ValueError(f"--prompt needs a text-conditioned generator; {self.checkpoint} was trained without "
                              f"text.encoder (use --classes for class-conditional models)")
@@ -150,9 +165,51 @@ class Generator:
         if not prompts or not all(p.strip() for p in prompts):
             raise ValueError("--prompt / --prompts: give at least one non-empty prompt")
         emb = self.text_encoder.encode(prompts)  # (P, L, D), (P, L), (P, Dp)
-        self.prompts = prompts
+        self.prompts, self._prompt_rows, self.prompt_fingerprint = prompts, None, None
         self._prompt_table = PromptTable(self.model, TextCondition(*(x.to(self.device) for x in emb)))
         return self
+
+    def load_prompt_embeddings(self, path: str | FsPath) -> Generator:
+        """Models trained on precomputed embeddings: set_prompt_embeddings() with the rows of an --prompt-embeddings
+        file, read and checked against this generator's caption shape by ldm.data.embeddings.read_prompt_embeddings."""
+        from ldm.data.embeddings import read_prompt_embeddings
+
+        self._check_embedding_prompts()
+        c = self.caption
+        return self.set_prompt_embeddings(read_prompt_embeddings(
+            path, token_dim=c["caption_dim"], max_tokens=c["caption_tokens"], pooled_dim=c["pooled_dim"],
+            pooled_given=c.get("pooled_given")))
+
+    def set_prompt_embeddings(self, prompts: PrecomputedEmbeddings) -> Generator:
+        """Models trained on precomputed embeddings: from now on labels are ids (0 .. P-1) of the P rows of `prompts`
+        (`read_prompt_embeddings` of an --prompt-embeddings file, or a run's `grid_rows`; ldm/data/embeddings.py),
+        given to the network as they are, and guidance treats them as classes (PromptTable)."""
+        from ldm.models.text_cond import TextCondition
+
+        self._check_embedding_prompts()
+        tokens, mask, pooled = prompts.embeddings.rows(range(len(prompts.captions)))  # (P, L, D), (P, L), (P, Dp)
+        want = (self.caption["caption_tokens"], self.caption["caption_dim"])
+        if tuple(tokens.shape[1:]) != want:
+            raise ValueError(f"{prompts.source}: embeddings of shape {tuple(tokens.shape[1:])} per prompt; "
+                             f"{self.checkpoint} takes {want}")
+        self.prompts, self.prompt_fingerprint = list(prompts.captions.texts), prompts.fingerprint
+        self._prompt_rows = TextCondition(tokens, mask, pooled)
+        self._build_prompt_table()
+        return self
+
+    def _check_embedding_prompts(self) -> None:
+        if self.caption is None:
+            raise ValueError(f"--prompt-embeddings needs a text-conditioned generator; {self.checkpoint} was trained "
+                             f"without text conditioning (use --classes for class-conditional models)")
+        if not self.precomputed:
+            raise ValueError(f"--prompt-embeddings: {self.checkpoint} was trained with text encoder "
+                             f"{self.caption.get('encoder_source')!r}: give its prompts as text (--prompt / --prompts)")
+
+    def _build_prompt_table(self) -> None:
+        from ldm.models.text_cond import PromptTable, TextCondition
+
+        rows = TextCondition(*(None if x is None else x.to(self.device) for x in self._prompt_rows))
+        self._prompt_table = PromptTable(self.model, rows)
 
     @property
     def device(self) -> torch.device:
@@ -162,7 +219,9 @@ class Generator:
         for module in (self.model, self.normalizer, self.tokenizer, self.text_encoder):
             if module is not None:
                 module.to(device)
-        if self.prompts is not None:
+        if self._prompt_rows is not None:  # embedding prompts move with the network
+            self._build_prompt_table()
+        elif self.prompts is not None:  # text prompts are encoded again where the encoder now is
             self.set_prompts(self.prompts)
         return self
 
@@ -245,11 +304,12 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
                          f"{ckpt_dir} was trained with (fingerprint {meta['tokenizer_fingerprint']}, from "
                          f"{meta['tokenizer_source']!r})")
     latent_shape = tuple(meta["latent_shape"])
-    text = meta.get("text")  # text models: caption dims and the encoder's identity (GeneratorTask.describe)
+    text = meta.get("text")  # text models: caption dims and the encoder's identity (GeneratorTask.describe); runs on
+    # precomputed embeddings ("precomputed": true) have no encoder: their prompts are embeddings (set_prompt_embeddings)
     model = build_generator_model(cfg.model, latent_channels=latent_shape[0], latent_size=latent_shape[1],
                                   num_classes=meta["num_classes"],
                                   caption=None if text is None else {k: text[k] for k in CAPTION_DIMS})
-    text_encoder = None if text is None else _load_text_encoder(cfg, text, ckpt_dir)
+    text_encoder = None if text is None or text.get("precomputed") else _load_text_encoder(cfg, text, ckpt_dir)
     normalizer = LatentNormalizer(meta["latent_norm"], latent_shape[0])
     # model.safetensors holds the training task's state: "model.*", the normaliser's buffers and (REPA) the
     # projector, which sampling does not need
@@ -264,7 +324,7 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
     gen = Generator(model=model, normalizer=normalizer, tokenizer=tok, path=get_path(cfg.diffusion.path),
                     prediction=cfg.diffusion.prediction, num_classes=meta["num_classes"], latent_shape=latent_shape,
                     learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg,
-                    text_encoder=text_encoder)
+                    text_encoder=text_encoder, caption=text)
     return gen.to(device)
 
 

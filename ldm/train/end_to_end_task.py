@@ -346,6 +346,9 @@ def check_end_to_end_config(cfg: RunConfig) -> None:
     if cfg.text.encoder is not None:
         raise ConfigError("text.encoder is set: the end_to_end stage trains class-conditional or unconditional "
                           "generators; unset text.encoder")
+    if cfg.text.embeddings is not None:
+        raise ConfigError("text.embeddings is set: the end_to_end stage trains class-conditional or unconditional "
+                          "generators; unset text.embeddings")
     kind = get_kind(tok.kind)
     if kind.family != "gaussian":
         raise ConfigError(f"tokenizer.kind={tok.kind!r} is a {kind.family} tokenizer: the end_to_end stage tunes "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError, DiffusionCfg, EvalCfg, RunConfig, SampleCfg
+from ldm.data.embeddings import grid_rows
 from ldm.data.latents import CacheMeta, LatentCacheDataset, read_cache_meta
 from ldm.data.sampler import sample_generators
 from ldm.diffusion.objectives import training_loss
@@ -58,7 +59,7 @@ class GeneratorTask(HoldsFrozen, Task):
                  diffusion: DiffusionCfg, learned_sigma: bool, num_classes: int, latent_shape: tuple[int, int, int],
                  sample: SampleCfg, eval_cfg: EvalCfg, fid_reference: str | None, image_size: int,
                  projector: nn.Module | None = None, encoder: nn.Module | None = None, per_sample_draws: bool = True,
-                 text_encoder: nn.Module | None = None, caption: dict | None = None, prompts: list[str] | None = None):
+                 text_encoder: nn.Module | None = None, caption: dict | None = None, prompts=None):
         super().__init__()
         self.model = model
         self.normalizer = normalizer
@@ -66,7 +67,9 @@ class GeneratorTask(HoldsFrozen, Task):
         self.add_frozen("tokenizer", tokenizer)
         self.add_frozen("encoder", encoder)
         self.add_frozen("text_encoder", text_encoder)  # text models: encodes the grid prompts (captions are cached)
-        self.caption, self.prompts = caption, prompts  # the DiT's caption dims; prompts of the sample grids
+        # the DiT's caption dims; prompts of the sample grids: texts for the text encoder, or (text.embeddings) the
+        # first distinct training embeddings (ldm.data.embeddings.grid_rows)
+        self.caption, self.prompts = caption, prompts
         self.diffusion, self.sample, self.eval_cfg = diffusion, sample, eval_cfg
         self.fid_reference, self.image_size = fid_reference, image_size
         self.learned_sigma = learned_sigma
@@ -162,7 +165,18 @@ class GeneratorTask(HoldsFrozen, Task):
         return Generator(model=self.model if model is None else model, normalizer=self.normalizer,
                          tokenizer=self.tokenizer, path=self.path, prediction=self.prediction,
                          num_classes=self.num_classes, latent_shape=self.latent_shape,
-                         learned_sigma=self.learned_sigma, text_encoder=self.frozen("text_encoder"))
+                         learned_sigma=self.learned_sigma, text_encoder=self.frozen("text_encoder"),
+                         caption=self.caption)
+
+    def _grid_prompts(self, gen: Generator) -> int:
+        """Text models: give `gen` the grid prompts (at most 10); how many it got (0: none, so it samples from the null
+        caption)."""
+        if isinstance(self.prompts, list):  # texts, encoded by the run's text encoder
+            if self.prompts and gen.text_encoder is not None:
+                gen.set_prompts(self.prompts[:10])
+        elif self.prompts is not None:  # text.embeddings: the first distinct training embeddings
+            gen.set_prompt_embeddings(self.prompts)
+        return gen.num_prompts
 
     @torch.no_grad()
     def generate(self, model: nn.Module, labels: torch.Tensor | None, indices: list[int], seed: int) -> torch.Tensor:
@@ -184,8 +198,8 @@ class GeneratorTask(HoldsFrozen, Task):
         e, gen = self.eval_cfg, self.generator(ema)
         rank, world = dist_info()
         classes = list(range(self.num_classes)) if self.num_classes else None
-        if self.prompts and gen.text_encoder is not None:  # text models: the grid prompts take the place of classes
-            classes = list(range(gen.set_prompts(self.prompts).num_prompts))
+        if self._grid_prompts(gen):  # text models: the grid prompts take the place of classes
+            classes = list(range(gen.num_prompts))
         seed = self.sample.seed + 1
 
         def batches():
@@ -211,8 +225,7 @@ class GeneratorTask(HoldsFrozen, Task):
         cols = min(self.num_classes, 10) if self.num_classes else 8
         rows = 4
         labels = torch.arange(cols).repeat(rows).to(gen.device) if self.num_classes else None
-        if self.prompts and gen.text_encoder is not None:  # text models: one prompt per column
-            gen.set_prompts(self.prompts[:10])
+        if self._grid_prompts(gen):  # text models: one prompt per column
             cols = gen.num_prompts
             labels = torch.arange(cols).repeat(rows).to(gen.device)
         images = gen.generate(labels, list(range(rows * cols)), self.sample.seed, sample_cfg=self.sample)
@@ -326,8 +339,10 @@ def _caption_dataset(cfg: RunConfig, dataset):
 
 def _embedding_dataset(cfg: RunConfig, dataset):
     """Text models on precomputed embeddings (text.embeddings, ldm/data/embeddings.py), _caption_dataset's tuple: no
-    text encoder (and so no grid prompts: grids and periodic FID sample from the null caption); the checkpoint records
-    the embeddings' fingerprint where an encoder's would be, and "precomputed": true."""
+    text encoder; the grid prompts (grids, periodic FID, guided by sample.cfg_scale) are the first distinct training
+    embeddings (grid_rows); the checkpoint records the embeddings' fingerprint where an encoder's would be,
+    "precomputed": true and whether their pooled embeddings were given ("pooled_given"; `ldm sample
+    --prompt-embeddings` asks the same of its prompts)."""
     from ldm.data.captions import CaptionedDataset
     from ldm.data.embeddings import load_embeddings
     from ldm.data.sources import open_source
@@ -339,15 +354,11 @@ def _embedding_dataset(cfg: RunConfig, dataset):
         raise ConfigError(f"text.embeddings={t.embeddings!r} gives the caption embeddings, so {', '.join(given)} "
                           f"would not be used: leave {'them' if len(given) > 1 else 'it'} out (or unset "
                           f"text.embeddings to encode captions with text.encoder)")
-    if cfg.sample.cfg_scale != 1.0:
-        raise ConfigError(f"sample.cfg_scale={cfg.sample.cfg_scale}: a model on precomputed embeddings has no text "
-                          f"encoder for prompts, so its training grids and periodic FID sample from the null caption, "
-                          f"unguided; set sample.cfg_scale=1")
     pre = load_embeddings(open_source(cfg.data.source, cfg.data.image_size), t.embeddings, max_tokens=t.max_tokens)
     caption = {"caption_dim": pre.token_dim, "caption_tokens": pre.max_tokens,
                "pooled_dim": pre.pooled_dim if t.use_pooled else None, "encoder_source": pre.source,
-               "encoder_fingerprint": pre.fingerprint, "precomputed": True}
-    return CaptionedDataset(dataset, pre.captions, pre.embeddings), None, caption, None
+               "encoder_fingerprint": pre.fingerprint, "precomputed": True, "pooled_given": pre.pooled_given}
+    return CaptionedDataset(dataset, pre.captions, pre.embeddings), None, caption, grid_rows(pre)
 
 
 def _check_patch(model_cfg, latent_size: int, origin: str, downsample: int | None = None) -> None:
