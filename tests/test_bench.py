@@ -45,7 +45,10 @@ def test_gpu_smoke_writes_every_section(tmp_path):
       "--compare-bf16"], "bf16 autocast vs fp32"),
     (["bench/bench_samplers.py", "--compare-bf16", "--models", "tiny", "--batch", "tiny=1", "--repeats", "1"],
      "| tiny | 1 | heun (49 NFE) |"),
-], ids=["dit", "loop", "tokenizer", "samplers"])
+    (["bench/profile_quickstart.py", "--steps", "2", "--warmup", "1", "--set", "generator.model.preset=DiT-Pico/2",
+      "tokenizer.train.batch_size=4", "generator.train.batch_size=8", "generator.sample.batch_size=8"],
+     "| tokenizer + GAN |"),
+], ids=["dit", "loop", "tokenizer", "samplers", "profile"])
 def test_cpu_benchmarks_run_at_smallest_settings(args, expect):
     proc = run_python(args, timeout=300)
     assert expect in proc.stdout, proc.stdout[-2000:]

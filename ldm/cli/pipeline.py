@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     add_progress_flag(p)
     q = add_command(
         subparsers, "quickstart", cmd_quickstart,
-        help="the offline demo: `ldm pipeline configs/quickstart.yaml` on the embedded digits (< 10 min on a CPU)",
+        help="the offline demo: `ldm pipeline configs/quickstart.yaml` on the embedded digits (< 5 min on a 2-core CPU)",
         description="Train a small EQ-VAE tokenizer and a class-conditional DiT on scikit-learn's digits, sample a "
                     "10x10 grid with CFG and report the Fréchet distance. Outputs: runs/quickstart/. Same as "
                     "`python train.py` with no arguments.")
