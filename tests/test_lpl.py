@@ -333,6 +333,10 @@ def test_a_batch_split_in_halves_gives_the_same_loss(tmp_path):
     assert 0.0 < whole.logs["lpl_frac"] < 1.0
     assert float(whole.loss.detach()) == pytest.approx(sum(float(p.loss.detach()) for p in parts) / 2, rel=1e-5)
     assert whole.logs["lpl"] == pytest.approx(sum(p.logs["lpl"] for p in parts) / 2, rel=1e-5)
+    # the logged loss is what is optimised: the diffusion loss plus the weighted LPL (weight 1 here), not the former
+    assert whole.logs["loss"] == pytest.approx(whole.logs["mse"] + cfg.diffusion.lpl.weight * whole.logs["lpl"],
+                                               rel=1e-6)
+    assert whole.logs["loss"] == float(whole.loss.detach())
 
 
 def test_bench_decoder_losses_smoke(capsys):

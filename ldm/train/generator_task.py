@@ -157,6 +157,7 @@ class GeneratorTask(HoldsFrozen, Task):
             value, term_logs = term(ctx)
             total = total if value is None else total + value
             logs.update(term_logs)
+        logs["loss"] = total.detach()  # what is optimised: the diffusion loss ("mse" etc.) plus the weighted terms
         return StepOutput(total, {k: float(v) for k, v in logs.items()})
 
     # -------------------------------------------------------------------------------------------------- sampling
