@@ -49,7 +49,7 @@ def category(name: str) -> str:
         return "optimizer"
     if name.startswith("aten::_foreach_lerp"):
         return "ema"
-    if name.startswith(("aten::", "ProfilerStep")):
+    if name.startswith("aten::"):
         return "forward"
     return "other ops"
 
