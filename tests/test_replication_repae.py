@@ -97,6 +97,14 @@ def test_tables_pair_by_seed(study):
     assert "repa / plain" not in text  # pairs whose arms are absent are left out
 
 
+def test_arms_keep_the_reference_and_their_order(study):
+    assert study.parse_arms(None, study.REPAE_ARMS) == list(study.REPAE_ARMS)
+    assert study.parse_arms("repae,joint", study.REPAE_ARMS) == ["plain", "joint", "repae"]
+    assert study.parse_arms("lpl", study.DECODER_ARMS) == ["plain", "lpl"]
+    with pytest.raises(SystemExit, match="unknown \\['lpl'\\]"):
+        study.parse_arms("repae,lpl", study.REPAE_ARMS)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_tiny_study_runs_every_arm(tmp_path):

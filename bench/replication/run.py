@@ -354,7 +354,8 @@ def study_header(study: str, args, seeds: list[int], settings: dict, wall: float
     """The first lines of a study's generated block: the smoke warning (--tiny), the command, seeds and wall time."""
     smoke = "**SMOKE NUMBERS (--tiny): a few training steps; they check the machinery and mean nothing.**\n\n"
     command = (f"python bench/replication/run.py --study {study} --{args.mode}"
-               + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"))
+               + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}")
+               + ("" if args.arms is None else f" --arms {args.arms}"))
     return (f"{smoke if args.mode == 'tiny' else ''}Command: `{command}` (seeds {seeds}; cells mean [min, max] "
             f"over seeds; {settings['num_samples']} EMA samples per gFD_digits; {wall / 60:.1f} min)")
 
@@ -499,12 +500,18 @@ def decoder_tables(records: list[dict], steps: list[int]) -> str:
     return arm_tables(records, steps, {a: v[0] for a, v in DECODER_ARMS.items()}, DECODER_PAIRS)
 
 
-def main_decoder_losses(args, seeds: list[int], settings: dict, weights: str | None) -> int:
-    arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in arms if a not in DECODER_ARMS]
+def parse_arms(text: str | None, known: dict) -> list[str]:
+    """--arms as a list in `known`'s order (all of them when not given), always with "plain": the reference every
+    pair and post arm needs."""
+    arms = list(known) if text is None else [a for a in text.split(",") if a]
+    bad = [a for a in arms if a not in known]
     if bad:
-        raise SystemExit(f"--arms: unknown {bad}; expected a subset of {list(DECODER_ARMS)}")
-    arms = ["plain", *[a for a in arms if a != "plain"]]  # the reference every pair and post arm needs
+        raise SystemExit(f"--arms: unknown {bad}; expected a subset of {list(known)}")
+    return [a for a in known if a == "plain" or a in arms]
+
+
+def main_decoder_losses(args, seeds: list[int], settings: dict, weights: str | None) -> int:
+    arms = parse_arms(args.arms, DECODER_ARMS)
     root, start, records = Path(args.run_root), time.perf_counter(), []
     cache_dir = root / args.mode / "fid_stats"
     for seed in seeds:
@@ -699,9 +706,10 @@ def repae_tokenizer_tables(records: list[dict]) -> str:
 
 
 def measure_repae_seed(mode: str, root: Path, seed: int, settings: dict, cache_dir: Path,
-                       weights: str | None) -> tuple[list[dict], list[dict]]:
-    """(the arms' gFD records, the tokenizers' records) of one seed, each run trained where needed, in an order where
-    each finds what it needs (the plain-KL pipeline, its export, the joint runs, their exports)."""
+                       weights: str | None, arms=tuple(REPAE_ARMS)) -> tuple[list[dict], list[dict]]:
+    """(the gFD records of `arms`, the tokenizers' records) of one seed, each run trained where needed, in an order
+    where each finds what it needs (the plain-KL pipeline, its export, the joint runs, their exports). The control's
+    tokenizer is measured only with its arm."""
     from ldm.pipeline import stage_configs
 
     cfgs = repae_configs(mode, root, seed)
@@ -714,20 +722,23 @@ def measure_repae_seed(mode: str, root: Path, seed: int, settings: dict, cache_d
         print(f"{rec['arm']:<14} seed {seed}: gFD_digits " + " / ".join(f"{x:.2f}" for x in rec["gfd_digits"]) +
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    t0 = time.perf_counter()
-    report(measure_arm(mode, root, "plain", seed, *common, None), t0)  # trains the plain-KL pipeline
-    t0 = time.perf_counter()
-    report(measure_generator("repa", seed, repa_generator(kl, repae), kl.run_dir / "study_repa.json", *common,
-                             prepare=lambda: export_pipeline_tokenizer(kl)), t0)
-    t0 = time.perf_counter()
-    report(measure_generator("joint", seed, stage_configs(repae)[0], repae.run_dir / "study_joint.json", *common,
-                             prepare=lambda: export_pipeline_tokenizer(kl)), t0)  # the tokenizer it starts from
-    for name, pcfg in (("repae", repae), ("repae_noalign", control)):
+    measures = {
+        "plain": lambda: measure_arm(mode, root, "plain", seed, *common, None),  # trains the plain-KL pipeline
+        "repa": lambda: measure_generator("repa", seed, repa_generator(kl, repae), kl.run_dir / "study_repa.json",
+                                          *common, prepare=lambda: export_pipeline_tokenizer(kl)),
+        "joint": lambda: measure_generator("joint", seed, stage_configs(repae)[0], repae.run_dir / "study_joint.json",
+                                           *common, prepare=lambda: export_pipeline_tokenizer(kl)),  # its start
+        **{name: lambda name=name, pcfg=pcfg: measure_generator(
+            name, seed, repa_generator(pcfg, repae), pcfg.run_dir / "study_repa.json", *common,
+            prepare=lambda: tune_and_export(pcfg, kl)) for name, pcfg in (("repae", repae), ("repae_noalign", control))},
+    }
+    for arm in arms:
         t0 = time.perf_counter()
-        report(measure_generator(name, seed, repa_generator(pcfg, repae), pcfg.run_dir / "study_repa.json", *common,
-                                 prepare=lambda p=pcfg: tune_and_export(p, kl)), t0)
+        report(measures[arm](), t0)
     tokenizers = []
     for name, pcfg in (("kl", kl), ("repae", repae), ("repae_noalign", control)):
+        if name != "kl" and name not in arms:
+            continue
         tokenizers.append(measure_study_tokenizer(name, seed, pcfg, *common))
         print(f"{name:<14} seed {seed}: PSNR {tokenizers[-1]['psnr']:.2f}  rFD_digits "
               f"{tokenizers[-1]['rfd_digits']:.2f}", flush=True)
@@ -735,11 +746,12 @@ def measure_repae_seed(mode: str, root: Path, seed: int, settings: dict, cache_d
 
 
 def main_repae(args, seeds: list[int], settings: dict, weights: str | None) -> int:
+    arms = parse_arms(args.arms, REPAE_ARMS)
     root, start, records, tokenizers = Path(args.run_root), time.perf_counter(), [], []
     cache_dir = root / args.mode / "fid_stats"
     for seed in seeds:
-        arms, toks = measure_repae_seed(args.mode, root, seed, settings, cache_dir, weights)
-        records += arms
+        recs, toks = measure_repae_seed(args.mode, root, seed, settings, cache_dir, weights, arms)
+        records += recs
         tokenizers += toks
     wall = time.perf_counter() - start
     steps = records[0]["steps"]
@@ -789,8 +801,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokenizers: plain vs EQ-VAE vs VA-VAE latents; decoder_losses: plain vs + LPL vs + pixel "
                         "post-training of the generator on the plain tokenizer (--arms); repae: REPA on the frozen "
                         "plain tokenizer vs REPA-E tuning of it, then generators on the tuned tokenizer")
-    p.add_argument("--arms", default=",".join(DECODER_ARMS), help=f"--study decoder_losses: comma list of "
-                                                                   f"{list(DECODER_ARMS)}")
+    p.add_argument("--arms", default=None, help=f"comma list of arms (default: all): --study decoder_losses "
+                   f"{list(DECODER_ARMS)}, --study repae {list(REPAE_ARMS)}")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     seeds = [int(s) for s in args.seeds.split(",")]
