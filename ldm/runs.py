@@ -11,6 +11,9 @@
                             process), config, task, mixed_precision (the autocast precision trained in: "no", "bf16"
                             or "fp16"; older checkpoints lack it), git_sha} -- plain tensors and containers
                             (weights_only=True)
+        interim             empty; only in a checkpoint written off the train.ckpt_every schedule because the run
+                            was stopped (preemption signal): it does not count towards train.keep_last and is
+                            deleted once a later checkpoint exists
         checksums.json      {file: {"bytes": n, "sha256": hex}} of the files above, written last (checkpoints written
                             before it existed have none and are checked for completeness only)
 
@@ -41,6 +44,7 @@ FORMAT_VERSION = 1
 STEP_DIR = "step_{:07d}"
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 CHECKSUMS = "checksums.json"
+INTERIM = "interim"
 REQUIRED_FILES = ("model.safetensors", "state.pt")
 log = logging.getLogger("ldm")
 

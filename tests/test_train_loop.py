@@ -125,8 +125,11 @@ def test_sigterm_preemption_checkpoints_and_resumes_exactly(tmp_path, straight):
     assert 3 <= reached < 12
     ck = load_checkpoint(tmp_path / "p" / pointer)
     assert ck["state"]["step"] == reached and ck["state"]["data_position"] == 2 * reached
+    assert (tmp_path / "p" / pointer / "interim").is_file()  # off the ckpt_every schedule
     run_python(args)
     _assert_same_state(_final(tmp_path, "p"), straight)
+    # the interim checkpoint is gone once the end one exists: the run keeps what an uninterrupted one keeps
+    assert [p.name for p in (tmp_path / "p" / "checkpoints").iterdir()] == ["step_0000012"]
 
 
 def test_nan_guard_stops_with_step_loss_and_checkpoint(tmp_path):
@@ -207,6 +210,24 @@ def test_checkpoint_keep_last_and_latest(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_0000004"
     ck = load_checkpoint(tmp_path / "checkpoints" / "step_0000004")
     assert torch.equal(ck["model"]["w"], state["w"]) and ck["ema"] is None
+
+
+def test_interim_checkpoints_do_not_count_and_go_once_superseded(tmp_path):
+    """A preemption checkpoint (interim) is kept besides the newest keep_last regular ones, is never what pushes a
+    scheduled one out, and is deleted by the next save; the scheduled ones then are those of an uninterrupted run."""
+    def save(s, interim=False):
+        save_checkpoint(tmp_path, s, model_state={"w": torch.zeros(2)}, ema_state=None, state={"step": s}, keep_last=3,
+                        interim=interim)
+        return sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").iterdir())
+
+    assert save(10) == [10] and save(20) == [10, 20]
+    assert save(26, interim=True) == [10, 20, 26]
+    assert save(29, interim=True) == [10, 20, 29]  # a second stop before the next scheduled save
+    assert save(30) == [10, 20, 30]
+    assert save(40) == [20, 30, 40]
+    assert save(47, interim=True) == [20, 30, 40, 47]  # not counted: the scheduled three stay
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_0000047"
+    assert save(50) == [30, 40, 50]
 
 
 def test_logged_losses_are_window_means_and_settings_are_instant(tmp_path):

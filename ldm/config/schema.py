@@ -134,7 +134,8 @@ class TrainCfg:
                                              "progress bar); losses are averaged over the steps since the last log")
     ckpt_every: int = bounded(500, min=1, help="optimizer steps between checkpoints (one is also written at the end "
                                                "and on preemption)")
-    keep_last: int = bounded(3, min=1, help="newest checkpoints kept on disk; older ones are deleted after each save")
+    keep_last: int = bounded(3, min=1, help="newest checkpoints kept on disk; older ones are deleted after each save (a "
+                               "checkpoint written on a preemption signal is kept besides them until the next save)")
     sample_every: int = bounded(0, min=0, help="optimizer steps between sample grids (generator) or reconstruction "
                                                "grids (tokenizer) in samples/ and TensorBoard; 0 = at the end only")
     eval_every: int = bounded(0, min=0, help="optimizer steps between periodic evaluations (generator: FID of "

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 
 from ldm.config import Change, ConfigError, RunConfig, format_refusal, may_change_on_resume, resume_changes
 from ldm.io import atomic_write_text, fsync_path, git_sha, save_tensors
-from ldm.runs import FORMAT_VERSION, STEP_DIR, load_checkpoint, write_checksums
+from ldm.runs import FORMAT_VERSION, INTERIM, STEP_DIR, load_checkpoint, write_checksums
 
 HISTORY = "config_history.yaml"
 # torch.save reports a full disk as a bare RuntimeError ("file write failed"): a write that failed with less than
@@ -50,8 +50,13 @@ class CheckpointWriteError(OSError):
 
 # ------------------------------------------------------------------------------------------------------ writing
 def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, ema_state: dict | None, state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write checkpoints/step_<7-digit step> atomically, point `latest` at it, prune to the newest `keep_last`."""
+                    keep_last: int, interim: bool = False) -> Path:
+    """Write checkpoints/step_<7-digit step> atomically, point `latest` at it, then prune.
+
+    Pruning keeps the newest `keep_last` regular checkpoints. An `interim` one (written off the schedule because the run
+    was stopped) is marked with an empty `interim` file, is not counted, and is deleted once a later checkpoint is
+    written: a run stopped and resumed (even several times) keeps exactly the scheduled checkpoints an uninterrupted
+    run keeps, which studies that measure every scheduled checkpoint rely on."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / STEP_DIR.format(step)
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
@@ -59,6 +64,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, ema_state: d
     if ema_state is not None:
         files["ema.safetensors"] = lambda path: save_tensors(path, ema_state)
     files["state.pt"] = lambda path: torch.save({"format_version": FORMAT_VERSION, "git_sha": git_sha(), **state}, path)
+    if interim:
+        files[INTERIM] = lambda path: path.write_bytes(b"")
     target = ckpt_root  # what is being written when an error occurs
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +92,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, ema_state: d
         shutil.rmtree(tmp, ignore_errors=True)  # after measuring the free space: this frees some
         raise error from err
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in steps[:-keep_last]:
+    regular = [p for p in steps if not (p / INTERIM).exists()]
+    superseded = [p for p in steps if p not in regular and p.name < final.name]
+    for old in superseded + regular[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final

@@ -224,7 +224,7 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
             _grids_and_evaluation(run, last_batch, log)
             # ------------------------------------------------------------ checkpoints
             if preempted:
-                run.last_ckpt = _checkpoint(run, log)
+                run.last_ckpt = _checkpoint(run, log, interim=run.step % t.ckpt_every != 0 and run.step != t.max_steps)
                 log.info("preemption signal received: checkpoint written at step %d; relaunch the same command "
                          "to resume", run.step)
                 break
@@ -643,9 +643,9 @@ def _grids_and_evaluation(run: _Run, last_batch: dict[str, torch.Tensor], log: l
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
-def _checkpoint(run: _Run, log: logging.Logger) -> Path:
+def _checkpoint(run: _Run, log: logging.Logger, interim: bool = False) -> Path:
     """Weights, EMA and the full training state (optimizers, schedules, every process's RNG, data position) at the
-    current step, written atomically by the main process."""
+    current step, written atomically by the main process; `interim` for one off the schedule (save_checkpoint)."""
     from accelerate.utils import gather_object
 
     acc, t = run.accelerator, run.cfg.train
@@ -663,7 +663,7 @@ def _checkpoint(run: _Run, log: logging.Logger) -> Path:
         try:
             path = save_checkpoint(run.cfg.run_dir, run.step, model_state=run.task.state_dict(),
                                    ema_state=run.ema.state_dict() if run.ema is not None else None, state=state,
-                                   keep_last=t.keep_last)
+                                   keep_last=t.keep_last, interim=interim)
             log.info("checkpoint %s", path)
         except CheckpointWriteError as err:
             failure = err
