@@ -1,8 +1,13 @@
 """Every user error of every command is one line on stderr, `ldm <command>: error: ...`, naming the key, file or
-step and the fix, with exit status 2 and no traceback (issue #13 item 5). Each case runs the real CLI in a
-subprocess on tiny inputs: 16 embedded digits at 16 px in an .npz, random diffusers VAEs (f=2) and a DiT-Pico/2
-generator trained for one step. The subprocesses see an empty torch hub cache and no LDM_* variables, as on a fresh
-machine without downloaded weights.
+step and the fix, with exit status 2 and no traceback (issue #13 item 5), on tiny inputs: 16 embedded digits at 16 px
+in an .npz, random diffusers VAEs (f=2) and a DiT-Pico/2 generator trained for one step. The CLI sees an empty torch
+hub cache and no LDM_* variables, as on a fresh machine without downloaded weights.
+
+A few cases per command (`ldm`) run the real CLI in a subprocess: they pin what a user's shell sees, stderr whole,
+warnings included. The others (`cli`) call the same entry point, ldm.cli.main, in this process with stderr captured:
+the same error mapping (ldm.cli.common) on the same line, without paying an interpreter start and the
+diffusers/transformers imports (5-8 s of CPU) per case; an exception that escapes main is reported as the traceback
+a subprocess would print.
 """
 
 from __future__ import annotations
@@ -78,6 +83,33 @@ def ldm(setup_or_env, *args: str, script: str | None = None) -> subprocess.Compl
                           env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def cli(setup_or_env, *args: str) -> subprocess.CompletedProcess:
+    """`ldm ARGS` through ldm.cli.main in this process, with `ldm`'s environment (empty torch hub cache, no LDM_*),
+    as a CompletedProcess: returncode, stdout and stderr as the subprocess would have them."""
+    import contextlib
+    import io
+    import traceback
+
+    from ldm.cli import main
+
+    env = setup_or_env["env"] if isinstance(setup_or_env, dict) else {**os.environ}
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key in [k for k in os.environ if k.startswith("LDM_")]:
+            mp.delenv(key)
+        if "TORCH_HOME" in env:
+            mp.setenv("TORCH_HOME", env["TORCH_HOME"])
+        mp.chdir(REPO)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code if isinstance(stop.code, int) else 1
+        except Exception:  # noqa: BLE001 - what `python -m ldm.cli` would print as a traceback
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["ldm", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def one_error_line(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
     """The single stderr line of a user error; asserts exit 2, the `ldm <command>: error:` prefix, no traceback and
     that the line names each of `needles`."""
@@ -95,20 +127,20 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str, *needles: st
 # ------------------------------------------------------------------------------------------------------ config kinds
 def test_train_given_a_pipeline_config_points_at_ldm_pipeline(tmp_path):
     quickstart = "configs/quickstart.yaml"
-    one_error_line(ldm(None, "train", quickstart), "train",
+    one_error_line(cli(None, "train", quickstart), "train",
                    f"{quickstart}: this is a pipeline config: run `ldm pipeline {quickstart}`")
     one_error_line(ldm(None, quickstart, "train.max_steps=3", script="train.py"), "train",
                    "this is a pipeline config: run `ldm pipeline")
     handmade = tmp_path / "mine.yaml"
     handmade.write_text("run_root: runs\nstages: [tokenizer]\ntokenizer:\n  train:\n    max_steps: 3\n"
                         "generator:\n  model:\n    preset: DiT-Pico/2\n")
-    line = one_error_line(ldm(None, "train", handmade), "train",
+    line = one_error_line(cli(None, "train", handmade), "train",
                           f"this is a pipeline config: run `ldm pipeline {handmade}`")
     assert "unknown config key" not in line
-    one_error_line(ldm(None, "pipeline", "configs/tokenizer/tiny_f4.yaml"), "pipeline",
+    one_error_line(cli(None, "pipeline", "configs/tokenizer/tiny_f4.yaml"), "pipeline",
                    "this is a run config: run `ldm train configs/tokenizer/tiny_f4.yaml`")
     # a plain typo in a run config is still the did-you-mean error, not a config-kind guess
-    one_error_line(ldm(None, "train", "configs/tokenizer/tiny_f4.yaml", "train.max_stepz=3"), "train",
+    one_error_line(cli(None, "train", "configs/tokenizer/tiny_f4.yaml", "train.max_stepz=3"), "train",
                    "did you mean 'train.max_steps'")
 
 
@@ -121,7 +153,7 @@ def test_batch_larger_than_the_dataset(setup):
 
 
 def test_patch_size_not_dividing_the_latent_names_preset_and_image_size(setup):
-    proc = ldm(setup, "train", setup["gen_yaml"], "name=patch", "model.preset=DiT-Pico/4", "data.image_size=12",
+    proc = cli(setup, "train", setup["gen_yaml"], "name=patch", "model.preset=DiT-Pico/4", "data.image_size=12",
                "--no-progress")  # 12 px at f=2: 6x6 latents, patch 4
     line = one_error_line(proc, "train", "model.preset='DiT-Pico/4'", "data.image_size=12", "[1, 2]",
                           "a multiple of 8")
@@ -129,31 +161,31 @@ def test_patch_size_not_dividing_the_latent_names_preset_and_image_size(setup):
 
 
 def test_generator_without_a_tokenizer(setup):
-    proc = ldm(setup, "train", setup["gen_yaml"], "name=notok", "tokenizer.pretrained=null", "--no-progress")
+    proc = cli(setup, "train", setup["gen_yaml"], "name=notok", "tokenizer.pretrained=null", "--no-progress")
     one_error_line(proc, "train", "tokenizer.checkpoint=", "tokenizer.pretrained=")
 
 
 def test_latent_cache_of_another_tokenizer(setup):
-    proc = ldm(setup, "train", setup["gen_yaml"], "name=cached", f"data.latents={setup['cache']}", "--no-progress")
+    proc = cli(setup, "train", setup["gen_yaml"], "name=cached", f"data.latents={setup['cache']}", "--no-progress")
     one_error_line(proc, "train", str(setup["cache"]), "data.latents", "ldm cache-latents")
 
 
 def test_preset_changed_on_resume(setup, tmp_path):
     shutil.copytree(setup["gen"], tmp_path / "runs" / "gen")
-    proc = ldm(setup, "train", setup["gen_yaml"], "name=gen", f"train.run_root={tmp_path / 'runs'}",
+    proc = cli(setup, "train", setup["gen_yaml"], "name=gen", f"train.run_root={tmp_path / 'runs'}",
                "model.preset=DiT-Pico/1", "train.max_steps=2", "--no-progress")
     one_error_line(proc, "train", "model.preset", "DiT-Pico/2", "DiT-Pico/1")
 
 
 # ------------------------------------------------------------------------------------------------------ ldm sample
 def test_missing_ema_weights(setup, tmp_path):
-    one_error_line(ldm(setup, "sample", setup["gen"], "--num", "2", "--out", tmp_path / "s", "--no-progress"),
+    one_error_line(cli(setup, "sample", setup["gen"], "--num", "2", "--out", tmp_path / "s", "--no-progress"),
                    "sample", "no EMA weights", "train.ema=false", "--no-ema")
     assert not (tmp_path / "s").exists()
 
 
 def test_unknown_sampler_and_missing_run(setup, tmp_path):
-    one_error_line(ldm(setup, "sample", setup["gen"], "--sampler", "nope", "--out", tmp_path / "s"), "sample",
+    one_error_line(cli(setup, "sample", setup["gen"], "--sampler", "nope", "--out", tmp_path / "s"), "sample",
                    "sample.sampler='nope'", "heun")
     one_error_line(ldm(setup, "sample", tmp_path / "no_run", "--out", tmp_path / "s"), "sample",
                    str(tmp_path / "no_run"))
@@ -164,14 +196,14 @@ def test_damaged_checkpoint(setup, tmp_path):
     shutil.copytree(setup["gen"], run)
     (model,) = run.glob("checkpoints/step_*/model.safetensors")
     model.write_bytes(b"not a safetensors file")
-    one_error_line(ldm(setup, "sample", run, "--no-ema", "--num", "2", "--out", tmp_path / "s"), "sample",
+    one_error_line(cli(setup, "sample", run, "--no-ema", "--num", "2", "--out", tmp_path / "s"), "sample",
                    str(model))
 
 
 def test_refused_pickle(setup, tmp_path):
     weights = tmp_path / "DiT-pickled.pt"
     torch.save(Pickled(), weights)
-    proc = ldm(setup, "sample", "--official", "dit", "--weights", weights, "--tokenizer", setup["vae"], "--num", "2",
+    proc = cli(setup, "sample", "--official", "dit", "--weights", weights, "--tokenizer", setup["vae"], "--num", "2",
                "--out", tmp_path / "s")
     one_error_line(proc, "sample", str(weights), "Pickled", "state_dict()", ".safetensors")
 
@@ -229,7 +261,7 @@ def test_reconstruction_metrics_offline_name_the_metric_to_drop(setup, tmp_path,
 
 
 def test_fid_without_inception_weights(setup):
-    one_error_line(ldm(setup, "eval", "fid", "--samples", setup["npz"], "--ref", setup["npz"]), "eval fid",
+    one_error_line(cli(setup, "eval", "fid", "--samples", setup["npz"], "--ref", setup["npz"]), "eval fid",
                    "pt_inception-2015-12-05-6726825d.pth", "--inception-weights")
 
 
