@@ -100,12 +100,21 @@ def test_killed_run_still_counts_the_bad_file_of_a_finished_shard(cache, tok_dir
     assert (tmp_path / "k" / "meta.json").read_bytes() == (cache / "meta.json").read_bytes()
 
 
-def test_cli_summary_and_two_processes(cache, tok_dir, folder, tmp_path):
-    """Two processes: shard 1 (b/07.png) is rank 1's, shards 0 and 2 rank 0's; rank 0's summary counts both files."""
-    one = run_python(["-m", "ldm.cli", *cli_args(tok_dir, folder, tmp_path / "one")], timeout=300)
+def test_cli_summary_and_two_processes(cache, tok_dir, folder, tmp_path, capsys):
+    """Two processes: shard 1 (b/07.png) is rank 1's, shards 0 and 2 rank 0's; rank 0's summary counts both files.
+    The one-process CLI runs in this process, on one thread as each of the two (OMP_NUM_THREADS=1)."""
+    from ldm.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(cli_args(tok_dir, folder, tmp_path / "one")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = capsys.readouterr().out
     two = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldm.cli",
                       *cli_args(tok_dir, folder, tmp_path / "two")], timeout=300)
-    for out in (one.stdout, two.stdout):
+    for out in (one, two.stdout):
         assert "images         : 8 encoded into 10 items from" in out
         assert "bad files      : 2 skipped: a/03.png, b/07.png\n" in out
         assert "replaced items : 2 (each holds the latent of the next good image)" in out
