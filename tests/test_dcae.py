@@ -342,7 +342,7 @@ def test_tiny_preset_and_the_docs_digits_example_run(tmp_path):
     from ldm.cli import main
 
     doc = (REPO / "docs" / "tokenizers.md").read_text().replace("\\\n", " ")
-    start = doc.index("ldm train configs/tokenizer/tiny_dc_f8.yaml")
+    start = doc.index("ldm train configs/tokenizer/tiny_dc_f8.yaml\nldm tokenizer-stats")
     commands = [line.split() for line in doc[start:doc.index("```", start)].splitlines()]
     assert [c[:2] for c in commands] == [["ldm", "train"], ["ldm", "tokenizer-stats"], ["ldm", "cache-latents"],
                                          ["ldm", "train"]]
@@ -360,6 +360,76 @@ def test_tiny_preset_and_the_docs_digits_example_run(tmp_path):
     gen = load_config(tmp_path / "dit_ti1_dc" / "config.yaml")
     assert gen.model.preset == "DiT-Ti/1" and gen.tokenizer.kind == "dc"
     assert (tmp_path / "dit_ti1_dc" / "checkpoints" / "step_0000002").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------------ adaptation
+def _autoencoder_weights(run, file="model.safetensors"):
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))[-1:]
+    return {k[len("autoencoder."):] if k.startswith("autoencoder.") else k: v
+            for k, v in load_file(str(ckpt / file)).items() if file != "model.safetensors" or
+            k.startswith("autoencoder.")}
+
+
+def _disc_weights(run):
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))[-1:]
+    return {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+            if k.startswith("discriminator.") and "running_" not in k and "num_batches" not in k}
+
+
+def test_decoupled_adaptation_phases_train_only_their_layers(tmp_path, capsys):
+    """The digits chain of docs/tokenizers.md: phase 1 (tiny_dc_f8), phase 2 (64 px, reconstruction only, the layers
+    next to the latent) and phase 3 (32 px, GAN on, the decoder head), each continuing the previous run. In each
+    later phase the weights outside tokenizer.train_only (live and EMA) are bit-identical to the previous phase's,
+    those inside moved; phase 2 trains no discriminator, phase 3 does. (A phase starts from the previous run's live
+    weights, so its EMA of a frozen weight is that live weight.)"""
+    from conftest import REPO
+
+    from ldm.cli import main
+
+    short = [f"train.run_root={tmp_path}", "train.max_steps=3", "train.batch_size=8", "train.ckpt_every=1000",
+             "train.sample_every=0", "train.log_every=1", "--no-progress"]
+    assert main(["train", "configs/tokenizer/tiny_dc_f8.yaml", *short]) == 0
+    previous = tmp_path / "tiny_dc_f8"
+    for phase in ("tiny_dc_f8_adapt_latent", "tiny_dc_f8_refine_head"):
+        config = REPO / "configs" / "tokenizer" / f"{phase}.yaml"
+        trained = load_config(config).tokenizer.train_only
+        assert main(["train", str(config), f"tokenizer.pretrained={previous}", *short]) == 0
+        run = tmp_path / phase
+        for file in ("model.safetensors", "ema.safetensors"):
+            before, after = _autoencoder_weights(previous), _autoencoder_weights(run, file)
+            assert before.keys() == after.keys()
+            inside = {k for k in after if any(k.startswith(f"{n}.") for n in trained)}
+            assert inside and all(k.split(".")[0] in ("encoder", "decoder") for k in inside)
+            moved = {k for k in after if not torch.equal(before[k], after[k])}
+            frozen_moved = {k for k in moved - inside if "running_" not in k and "num_batches" not in k}
+            assert not frozen_moved, (phase, file, sorted(frozen_moved)[:5])
+            assert any(k in moved for k in inside if after[k].is_floating_point()), (phase, file)
+        disc_before, disc_after = (_disc_weights(r) for r in (previous, run))
+        assert any(not torch.equal(disc_before[k], disc_after[k]) for k in disc_after) == (
+            phase == "tiny_dc_f8_refine_head")
+        previous = run
+    assert "autoencoder parameters train" in capsys.readouterr().out
+
+
+def test_train_only_takes_names_and_module_prefixes_and_names_a_miss(tmp_path):
+    from ldm.train.tokenizer_task import train_only
+
+    model = build_tokenizer(_cfg(tmp_path, "x").tokenizer, SIZE)
+    train_only(model, ["decoder.conv_out", "encoder.conv_out.weight"])
+    trained = sorted(k for k, p in model.named_parameters() if p.requires_grad)
+    assert trained == ["decoder.conv_out.conv.bias", "decoder.conv_out.conv.weight", "encoder.conv_out.weight"]
+    train_only(model, ["decoder.up_blocks.1"])  # a module prefix: not decoder.up_blocks.1x
+    assert all(k.startswith("decoder.up_blocks.1.") for k, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match=r"^tokenizer.train_only: \['decoder.up_block'\] name no parameter of this "
+                                          r"dc autoencoder; .*'decoder.up_blocks'") as err:
+        train_only(model, ["decoder.up_block"])
+    assert "\n" not in str(err.value)
+    cfg = _cfg(tmp_path, "bad", "tokenizer.train_only=[decoder.nope]")
+    from ldm.train.tokenizer_task import build_tokenizer_task
+
+    with pytest.raises(ConfigError, match="decoder.nope"):
+        build_tokenizer_task(cfg)
+    assert not (tmp_path / "bad").exists()  # refused before the run directory is written
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

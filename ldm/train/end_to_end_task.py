@@ -416,7 +416,7 @@ def build_end_to_end_task(cfg: RunConfig) -> tuple[EndToEndTask, torch.utils.dat
         tokenizer_arch,
     )
     from ldm.train.generator_task import _check_patch
-    from ldm.train.tokenizer_task import _continue_from_run
+    from ldm.train.tokenizer_task import _continue_from_run, train_only
 
     check_end_to_end_config(cfg)
     tok, d = cfg.tokenizer, cfg.diffusion
@@ -426,6 +426,7 @@ def build_end_to_end_task(cfg: RunConfig) -> tuple[EndToEndTask, torch.utils.dat
         raise FileNotFoundError(f"diffusion.repa_encoder={d.repa_encoder!r} (diffusion.repa_weights="
                                 f"{d.repa_weights!r}): {str(err).splitlines()[0]}") from None
     autoencoder = build_tokenizer(tok, cfg.data.image_size)
+    train_only(autoencoder, tok.train_only)
     kind = kind_of(autoencoder)
     f, channels = kind.downsample(autoencoder), kind.latent_channels(autoencoder)
     latent_shape = (channels, cfg.data.image_size // f, cfg.data.image_size // f)

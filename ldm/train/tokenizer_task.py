@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
-from ldm.config import TokenizerCfg
+from ldm.config import ConfigError, TokenizerCfg
 from ldm.data.sampler import sample_generators
 from ldm.frozen import HoldsFrozen
 from ldm.seeding import derive_seed
@@ -264,6 +264,7 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
 
     tok = cfg.tokenizer
     autoencoder = build_tokenizer(tok, cfg.data.image_size)
+    train_only(autoencoder, tok.train_only)
     lpips = None
     if tok.perceptual_weight > 0:
         lpips = build_lpips(tok.lpips_weights, random_backbone=tok.lpips_random_backbone)
@@ -278,6 +279,27 @@ def build_tokenizer_task(cfg) -> tuple[TokenizerTask, torch.utils.data.Dataset]:
         _continue_from_run(task, tok.pretrained)
     save_tokenizer_arch(autoencoder, cfg.run_dir)
     return task, build_dataset(cfg.data)
+
+
+def train_only(autoencoder: nn.Module, names: Sequence[str]) -> None:
+    """tokenizer.train_only: only the autoencoder parameters named by `names` (a full name, or a prefix ending at a
+    module boundary: "decoder.up_blocks.0" takes decoder.up_blocks.0.*, not decoder.up_blocks.01) keep
+    requires_grad; the optimizer then holds only those (param_groups), the rest keeps its initial values. Buffers are
+    untouched: BatchNorm layers of frozen parts still normalise with batch statistics and update their running
+    statistics, as plain requires_grad_(False) fine-tuning does. A name matching no parameter is a ConfigError."""
+    if not names:
+        return
+    params = dict(autoencoder.named_parameters())
+    unmatched = [n for n in names if not any(k == n or k.startswith(f"{n}.") for k in params)]
+    if unmatched:
+        top = sorted({".".join(k.split(".")[:2]) for k in params})
+        raise ConfigError(f"tokenizer.train_only: {unmatched} name no parameter of this {kind_of(autoencoder).name} "
+                          f"autoencoder; give parameter names or prefixes, e.g. one of {top}")
+    for key, p in params.items():
+        p.requires_grad_(any(key == n or key.startswith(f"{n}.") for n in names))
+    log.info("tokenizer.train_only: %d of %d autoencoder parameters train (%s)",
+             sum(p.numel() for p in params.values() if p.requires_grad), sum(p.numel() for p in params.values()),
+             ", ".join(names))
 
 
 def _continue_from_run(task: TokenizerTask, path: str) -> None:
