@@ -136,19 +136,6 @@ def last_good_checkpoint(run_dir: Path, also: Path | None = None) -> Path | None
     return None
 
 
-def sampling_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory to sample from: a run or checkpoint directory, or an hf:// reference to one (ldm.hub);
-    a run directory that has not written a checkpoint yet is one line saying so. Light (no model code), so `ldm
-    sample` checks its argument before loading the heavy modules."""
-    from ldm.hub import resolve_path
-
-    local = Path(resolve_path(path))
-    if (local / "config.yaml").is_file() and not (local / "latest").is_file() and not (local / "state.pt").is_file():
-        raise FileNotFoundError(f"run {str(local)!r} has no checkpoint yet: sample it once training has written one "
-                                f"(every train.ckpt_every steps and at the end)")
-    return resolve_checkpoint(local)
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run directory (-> its newest complete checkpoint) or a checkpoint directory (verified)."""
     path = Path(path)

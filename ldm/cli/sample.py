@@ -176,10 +176,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"give one generator run or checkpoint directory; got {paths} (overrides are key=value)")
     # checked before anything loads (torch included): a typo fails at once; the values replace the run's own below
     requested, given = args.key_flags.resolve(args, overrides, base=SampleCfg())
-    if args.official is None and paths:  # a wrong path fails in ~2 s, before accelerate and diffusers load
-        from ldm.runs import sampling_checkpoint
-
-        sampling_checkpoint(paths[0])
     import torch
     from accelerate import Accelerator
 

@@ -284,10 +284,10 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
     own tuned tokenizer (`_load_joint_generator`).
     """
     from ldm.models import build_generator_model
-    from ldm.runs import load_checkpoint, load_state_strict, sampling_checkpoint
+    from ldm.runs import load_checkpoint, load_state_strict
     from ldm.tokenizers.export import load_tokenizer
 
-    ckpt_dir = sampling_checkpoint(path)
+    ckpt_dir = _checkpoint_dir(path)
     ckpt = load_checkpoint(ckpt_dir)
     meta = ckpt["state"].get("task", {})
     cfg = config_from_dict(ckpt["state"]["config"])
@@ -326,6 +326,19 @@ def load_generator(path: str | FsPath, *, use_ema: bool = True, device: str | to
                     learned_sigma=cfg.model.learn_sigma, checkpoint=ckpt_dir, used_ema=use_ema, cfg=cfg,
                     text_encoder=text_encoder, caption=text)
     return gen.to(device)
+
+
+def _checkpoint_dir(path: str | FsPath) -> FsPath:
+    """The checkpoint directory of a run or checkpoint directory (or an hf:// reference to one); a run directory
+    that has not written a checkpoint yet is one line saying so."""
+    from ldm.hub import resolve_path
+    from ldm.runs import resolve_checkpoint
+
+    local = FsPath(resolve_path(path))
+    if (local / "config.yaml").is_file() and not (local / "latest").is_file() and not (local / "state.pt").is_file():
+        raise FileNotFoundError(f"run {str(local)!r} has no checkpoint yet: sample it once training has written one "
+                                f"(every train.ckpt_every steps and at the end)")
+    return resolve_checkpoint(local)
 
 
 # LatentGenerator's parts (ldm/train/end_to_end_task.py): the EMA file holds the module itself ("net.*", "bn.*"),
