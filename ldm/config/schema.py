@@ -409,7 +409,7 @@ class TokenizerCfg:
                                        "decoder.up_blocks.0) of the autoencoder's parameters that train; every other "
                                        "autoencoder weight stays fixed (BatchNorm statistics still update); [] = all. "
                                        "DC-AE's decoupled high-resolution adaptation trains subsets this way "
-                                       "(configs/tokenizer/dc_adapt_*.yaml, docs/tokenizers.md)")
+                                       "(configs/tokenizer/tiny_dc_f8_*.yaml, docs/tokenizers.md)")
     stats_num_images: int = bounded(1024, min=1, help="the first N images of data.source give the latent per-channel "
                                                       "mean / std: after tokenizer training in `ldm pipeline`, and at "
                                                       "generator start when the tokenizer has none stored")

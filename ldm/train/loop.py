@@ -224,11 +224,11 @@ def fit(cfg: RunConfig, task: Task | None = None, dataset: torch.utils.data.Data
             _grids_and_evaluation(run, last_batch, log)
             # ------------------------------------------------------------ checkpoints
             if preempted:
-                run.last_ckpt = _checkpoint(run, log, interim=run.step % t.ckpt_every != 0 and run.step != t.max_steps)
+                run.last_ckpt = _checkpoint(run, log, interim=not _scheduled_checkpoint(run.step, t))
                 log.info("preemption signal received: checkpoint written at step %d; relaunch the same command "
                          "to resume", run.step)
                 break
-            if run.step % t.ckpt_every == 0 or run.step == t.max_steps:
+            if _scheduled_checkpoint(run.step, t):
                 run.last_ckpt = _checkpoint(run, log)
     bar.close()
     # -------------------------------------------------------------------- the end: last checkpoint and grid
@@ -643,6 +643,11 @@ def _grids_and_evaluation(run: _Run, last_batch: dict[str, torch.Tensor], log: l
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
+def _scheduled_checkpoint(step: int, t: TrainCfg) -> bool:
+    """Whether `step` gets a checkpoint by the schedule: every train.ckpt_every steps and at train.max_steps."""
+    return step % t.ckpt_every == 0 or step == t.max_steps
+
+
 def _checkpoint(run: _Run, log: logging.Logger, interim: bool = False) -> Path:
     """Weights, EMA and the full training state (optimizers, schedules, every process's RNG, data position) at the
     current step, written atomically by the main process; `interim` for one off the schedule (save_checkpoint)."""

@@ -290,13 +290,17 @@ def train_only(autoencoder: nn.Module, names: Sequence[str]) -> None:
     if not names:
         return
     params = dict(autoencoder.named_parameters())
-    unmatched = [n for n in names if not any(k == n or k.startswith(f"{n}.") for k in params)]
+
+    def named(key: str, name: str) -> bool:
+        return key == name or key.startswith(f"{name}.")
+
+    unmatched = [n for n in names if not any(named(k, n) for k in params)]
     if unmatched:
         top = sorted({".".join(k.split(".")[:2]) for k in params})
         raise ConfigError(f"tokenizer.train_only: {unmatched} name no parameter of this {kind_of(autoencoder).name} "
                           f"autoencoder; give parameter names or prefixes, e.g. one of {top}")
     for key, p in params.items():
-        p.requires_grad_(any(key == n or key.startswith(f"{n}.") for n in names))
+        p.requires_grad_(any(named(key, n) for n in names))
     log.info("tokenizer.train_only: %d of %d autoencoder parameters train (%s)",
              sum(p.numel() for p in params.values() if p.requires_grad), sum(p.numel() for p in params.values()),
              ", ".join(names))
