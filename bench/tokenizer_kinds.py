@@ -11,12 +11,18 @@ normal training code (`ldm.train.loop.fit`, what `ldm train PRESET` runs), then 
               --generator-steps steps, one run per --seeds entry, then gFD_digits of --num-samples class-balanced EMA
               samples (the same per-index noise for every run); the table gives the mean and [min, max] over seeds
 
+  photos      with --photos DIR: a second run of each preset, same steps and seed, on random --photo-size crops of
+              every photo in DIR but the held-out one (--photo-holdout, default the first in sorted order), batch
+              --photo-batch; PSNR and SSIM of the EMA tokenizer on the non-overlapping --photo-size tiles of the
+              held-out photo (e.g. ../shared/images: astronaut.png held out, 64 tiles of 64 px)
+
 and write a markdown table (--out) plus every number as JSON beside it. Presets are paths, so any kind's preset can
 join (e.g. configs/tokenizer/tiny_f4.yaml tiny_vq_f4.yaml tiny_fsq_f4.yaml tiny_sigma_f4.yaml and the LiteVAE / DC-AE
 ones). Each preset keeps its own architecture, losses and optimiser; only the data (digits), the step budget, the
 run folder and the seed are set here, so "fixed step budget" means equal optimizer steps, not equal compute.
 
     python bench/tokenizer_kinds.py --steps 1500 --gfd --seeds 0,1,2          # the comparison (CPU: hours)
+    python bench/tokenizer_kinds.py --steps 300 --photos ../shared/images     # + reconstruction of held-out photos
     python bench/tokenizer_kinds.py --smoke                                   # a few steps of everything (minutes)
     python bench/tokenizer_kinds.py --presets configs/tokenizer/tiny_f4.yaml configs/tokenizer/tiny_fsq_f4.yaml
 
@@ -71,23 +77,64 @@ def step_seconds(run_dir: Path, batch_size: int) -> float:
     return batch_size / float(np.mean(rates)) if rates else float("nan")
 
 
-def train_tokenizer(preset: Path, args, root: Path):
+def train_tokenizer(preset: Path, args, root: Path, data: list[str] | None = None, name: str | None = None):
+    """Train `preset` for args.steps on the digits (or with the `data` overrides instead) as run `name` under root."""
     from ldm.config import load_config
     from ldm.tokenizers.stats import compute_tokenizer_stats
     from ldm.train.loop import fit
 
-    overrides = [f"name={preset.stem}", f"train.run_root={root}", "data.source=digits", f"train.max_steps={args.steps}",
-                 f"train.ckpt_every={args.steps}", f"train.sample_every={args.steps}",
+    overrides = [f"name={name or preset.stem}", f"train.run_root={root}", *(data or ["data.source=digits"]),
+                 f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.sample_every={args.steps}",
                  f"train.log_every={max(1, min(50, args.steps // 2))}", f"seed={args.tokenizer_seed}", *args.set]
-    if args.batch_size:
+    if args.batch_size and data is None:
         overrides.append(f"train.batch_size={args.batch_size}")
     cfg = load_config(preset, overrides)
     if cfg.stage != "tokenizer":
         raise ValueError(f"{preset}: stage={cfg.stage!r}, not a tokenizer preset")
     fit(cfg, progress=args.progress)
-    if not (cfg.run_dir / "latent_stats.json").is_file():
+    if data is None and not (cfg.run_dir / "latent_stats.json").is_file():
         compute_tokenizer_stats(cfg.run_dir, cfg.data, num_images=args.stats_images)
     return cfg
+
+
+def photo_split(photos: Path, holdout: str | None, size: int, root: Path) -> tuple[Path, Path, str]:
+    """(a folder linking every photo in `photos` but the held-out one, an npz of the held-out photo's non-overlapping
+    size x size tiles, its file name)."""
+    from PIL import Image
+
+    files = sorted(f for f in photos.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    names = [f.name for f in files]
+    holdout = holdout or (names[0] if names else None)
+    if holdout not in names or len(names) < 2:
+        raise FileNotFoundError(f"--photos {str(photos)!r}: needs at least 2 photos including the held-out "
+                                f"{holdout!r} (found {names})")
+    train = root / "photos_train"
+    train.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if f.name != holdout and not (train / f.name).exists():
+            (train / f.name).symlink_to(f.resolve())
+    img = np.asarray(Image.open(photos / holdout).convert("RGB"))  # (H, W, 3) uint8
+    rows, cols = img.shape[0] // size, img.shape[1] // size
+    tiles = img[:rows * size, :cols * size].reshape(rows, size, cols, size, 3).swapaxes(1, 2).reshape(-1, size, size, 3)
+    held = root / f"photos_heldout_{size}.npz"
+    np.savez(held, arr_0=np.ascontiguousarray(tiles))
+    return train, held, holdout
+
+
+def measure_photos(preset: Path, args, root: Path, split: tuple[Path, Path, str]) -> dict:
+    """PSNR / SSIM on the held-out photo's tiles of `preset` trained on crops of the other photos."""
+    from ldm.eval.evaluate import evaluate_reconstruction
+    from ldm.tokenizers.export import load_tokenizer
+
+    train, held, holdout = split
+    data = [f"data.source={train}", f"data.image_size={args.photo_size}", "data.crop=random",
+            f"data.crops_per_image={args.photo_batch}", f"train.batch_size={args.photo_batch}"]
+    cfg = train_tokenizer(preset, args, root, data=data, name=f"{preset.stem}_photos")
+    tok = load_tokenizer(cfg.run_dir)
+    recon = evaluate_reconstruction(lambda x: tok.decode(tok.encode(x)), str(held), metrics=("psnr", "ssim"),
+                                    size=args.photo_size, progress=False)
+    return {"psnr": recon["psnr"], "ssim": recon["ssim"], "tiles": recon["num_images"], "holdout": holdout,
+            "run": str(cfg.run_dir)}
 
 
 def measure_tokenizer(cfg, args, cache_dir: Path) -> dict:
@@ -137,6 +184,9 @@ def measure_generators(tok_cfg, args, root: Path, cache_dir: Path) -> dict:
 def markdown(rows: list[dict], args) -> str:
     gfd = any("generator" in r for r in rows)
     head = ["preset", "kind", "latent", "enc params [M]", "dec params [M]", "PSNR [dB]", "rFD_digits", "step [s]"]
+    photos = any("photos" in r for r in rows)
+    if photos:
+        head += ["photos PSNR [dB]", "photos SSIM"]
     if gfd:
         head.append(f"gFD_digits @{args.generator_steps} (mean [min, max] over seeds)")
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -145,6 +195,9 @@ def markdown(rows: list[dict], args) -> str:
         h = r.get("image_size", 32) // r["downsample"]
         cells = [r["preset"], kind, f"{r['latent_channels']}x{h}x{h}", f"{r['encoder_params'] / 1e6:.3f}",
                  f"{r['decoder_params'] / 1e6:.3f}", f"{r['psnr']:.2f}", f"{r['rfd_digits']:.2f}", f"{r['step_s']:.3f}"]
+        if photos:
+            ph = r.get("photos")
+            cells += [f"{ph['psnr']:.2f}", f"{ph['ssim']:.3f}"] if ph else ["-", "-"]
         if gfd:
             g = r.get("generator", {})
             vals = g.get("gfd_digits", [])
@@ -155,7 +208,12 @@ def markdown(rows: list[dict], args) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     budget = (f"{args.steps} tokenizer steps" + (f", {args.generator_steps} DiT-Ti/2 steps, {args.num_samples} samples"
                                                  if gfd else ""))
-    return "\n".join(lines) + f"\n\nDigits, {budget}, reconstructions of the first {args.recon_images} digits.\n"
+    text = f"\n\nDigits, {budget}, reconstructions of the first {args.recon_images} digits."
+    if photos:
+        ph = next(r["photos"] for r in rows if "photos" in r)
+        text += (f" Photos: {args.steps} steps at batch {args.photo_batch} on random {args.photo_size}-px crops of the "
+                 f"other photos, scored on the {ph['tiles']} tiles of {ph['holdout']}.")
+    return "\n".join(lines) + text + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="generator seeds (with --gfd)")
     p.add_argument("--generator-steps", type=int, default=1200, help="DiT training steps (with --gfd)")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per gFD_digits (with --gfd)")
+    p.add_argument("--photos", default=None, help="a folder of photos: also train each preset on crops of all but one "
+                                                  "and report PSNR / SSIM on the held-out one's tiles")
+    p.add_argument("--photo-holdout", default=None, help="file name of the held-out photo (default: the first in "
+                                                         "sorted order)")
+    p.add_argument("--photo-size", type=int, default=64, help="crop and tile side for --photos")
+    p.add_argument("--photo-batch", type=int, default=8, help="train.batch_size (and crops per photo per epoch) for "
+                                                              "--photos")
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every tokenizer run")
     p.add_argument("--generator-set", nargs="*", default=[], help="extra key=value overrides for every DiT run")
     p.add_argument("--run-root", default="runs/tokenizer_kinds", help="where the runs go")
@@ -186,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gfd = True
     root = Path(args.run_root) / ("smoke" if args.smoke else f"steps{args.steps}")
     cache_dir = root / "stats_cache"
+    split = photo_split(Path(args.photos), args.photo_holdout, args.photo_size, root) if args.photos else None
     rows = []
     for preset in args.presets:
         preset = Path(preset) if Path(preset).is_absolute() else REPO / preset
@@ -193,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"tokenizer preset {str(preset)!r} does not exist")
         cfg = train_tokenizer(preset, args, root)
         row = {"preset": preset.stem, "image_size": cfg.data.image_size, **measure_tokenizer(cfg, args, cache_dir)}
+        if split:
+            row["photos"] = measure_photos(preset, args, root, split)
         if args.gfd:
             row["generator"] = measure_generators(cfg, args, root, cache_dir)
         rows.append(row)

@@ -248,19 +248,6 @@ def test_train_export_load_cache_and_a_generator_trains(tmp_path):
                                                   read_cache_meta(tmp_path / "cache"))
 
 
-@pytest.mark.slow
-def test_the_kinds_benchmark_smoke_run_writes_its_table(tmp_path):
-    """bench/tokenizer_kinds.py --smoke on the FSQ preset alone (~2 min on 2 CPU cores, mostly start-up)."""
-    from conftest import run_python
-
-    proc = run_python(["bench/tokenizer_kinds.py", "--smoke", "--presets", "configs/tokenizer/tiny_fsq_f4.yaml",
-                       "--run-root", str(tmp_path)], timeout=600)
-    table = (tmp_path / "smoke" / "table.md").read_text()
-    assert "| tiny_fsq_f4 | fsq | 4x8x8 |" in table and table in proc.stdout
-    row = json.loads((tmp_path / "smoke" / "table.json").read_text())["rows"][0]
-    assert row["encoder_params"] > 0 and row["decoder_params"] > 0 and row["generator"]["gfd_digits"]
-
-
 def test_resume_is_bit_exact(tmp_path):
     """2 + 2 steps (re-running the command resumes) == 4 steps: weights and discriminator (model.safetensors), EMA,
     both optimizers' states and the RNG states, with the GAN on from step 1 (the quantiser itself has no state: its
