@@ -26,7 +26,9 @@ run folder and the seed are set here, so "fixed step budget" means equal optimiz
     python bench/tokenizer_kinds.py --smoke                                   # a few steps of everything (minutes)
     python bench/tokenizer_kinds.py --presets configs/tokenizer/tiny_f4.yaml configs/tokenizer/tiny_fsq_f4.yaml
 
-Re-running reuses finished tokenizer and generator runs found under --run-root (the loop's skip-done resume).
+Re-running reuses finished tokenizer and generator runs found under --run-root (the loop's skip-done resume) and each
+generator's gFD_digits (gfd_digits.json in its run folder, for the same step and sample count), so a table over more
+presets can be assembled from runs made by several invocations.
 """
 
 from __future__ import annotations
@@ -173,9 +175,16 @@ def measure_generators(tok_cfg, args, root: Path, cache_dir: Path) -> dict:
         except (TrainingDiverged, ValueError) as err:  # e.g. a latent channel of std 0 under latent_norm=channel
             out["failed"][seed] = str(err).splitlines()[0]
             continue
-        ckpt = cfg.run_dir / "checkpoints" / f"step_{args.generator_steps:07d}"
-        fd, _ = sample_gfd(ckpt, cfg.run_dir / "gfd_samples", {"num_samples": args.num_samples,
-                                                                "inception": "off"}, cache_dir, 0, None)
+        record = cfg.run_dir / "gfd_digits.json"  # a re-run reuses the score of the same checkpoint and sample count
+        done = json.loads(record.read_text()) if record.is_file() else {}
+        if done.get("step") == args.generator_steps and done.get("num_samples") == args.num_samples:
+            fd = done["gfd_digits"]
+        else:
+            ckpt = cfg.run_dir / "checkpoints" / f"step_{args.generator_steps:07d}"
+            fd, _ = sample_gfd(ckpt, cfg.run_dir / "gfd_samples", {"num_samples": args.num_samples,
+                                                                    "inception": "off"}, cache_dir, 0, None)
+            record.write_text(json.dumps({"step": args.generator_steps, "num_samples": args.num_samples,
+                                          "gfd_digits": fd}) + "\n")
         out["seeds"].append(seed)
         out["gfd_digits"].append(fd)
     return out

@@ -57,3 +57,5 @@ def test_the_kinds_benchmark_smoke_run_writes_its_table(tmp_path):
     row = json.loads((tmp_path / "smoke" / "table.json").read_text())["rows"][0]
     assert row["encoder_params"] > 0 and row["decoder_params"] > 0 and row["generator"]["gfd_digits"]
     assert row["photos"]["tiles"] == 2 and 0 < row["photos"]["psnr"] < 60
+    record = json.loads((tmp_path / "smoke" / "tiny_fsq_f4_dit_s0" / "gfd_digits.json").read_text())
+    assert record == {"step": 2, "num_samples": 20, "gfd_digits": row["generator"]["gfd_digits"][0]}
