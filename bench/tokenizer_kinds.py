@@ -19,7 +19,11 @@ normal training code (`ldm.train.loop.fit`, what `ldm train PRESET` runs), then 
 and write a markdown table (--out) plus every number as JSON beside it. Presets are paths, so any kind's preset can
 join (e.g. configs/tokenizer/tiny_f4.yaml tiny_vq_f4.yaml tiny_fsq_f4.yaml tiny_sigma_f4.yaml and the LiteVAE / DC-AE
 ones). Each preset keeps its own architecture, losses and optimiser; only the data (digits), the step budget, the
-run folder and the seed are set here, so "fixed step budget" means equal optimizer steps, not equal compute.
+run folder and the seed are set here, so "fixed step budget" means equal optimizer steps, not equal compute. One
+more: the tokenizer's EMA decays with the TF warm-up rule over the whole budget (train.ema_warmup_steps = --steps,
+min(decay, (1 + s) / (10 + s))), because the EMA is what is measured and what the generators encode with, and a
+preset's decay of 0.999 from step 0 leaves 0.999^300 = 74 % of the initial weights in it after 300 steps (DC-AE,
+whose BatchNorm statistics are copied from the live weights, then reconstructs the digits at 9.5 dB PSNR).
 
     python bench/tokenizer_kinds.py --steps 1500 --gfd --seeds 0,1,2          # the comparison (CPU: hours)
     python bench/tokenizer_kinds.py --steps 300 --photos ../shared/images     # + reconstruction of held-out photos
@@ -87,7 +91,8 @@ def train_tokenizer(preset: Path, args, root: Path, data: list[str] | None = Non
 
     overrides = [f"name={name or preset.stem}", f"train.run_root={root}", *(data or ["data.source=digits"]),
                  f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.sample_every={args.steps}",
-                 f"train.log_every={max(1, min(50, args.steps // 2))}", f"seed={args.tokenizer_seed}", *args.set]
+                 f"train.log_every={max(1, min(50, args.steps // 2))}", f"train.ema_warmup_steps={args.steps}",
+                 f"seed={args.tokenizer_seed}", *args.set]
     if args.batch_size and data is None:
         overrides.append(f"train.batch_size={args.batch_size}")
     cfg = load_config(preset, overrides)
