@@ -146,7 +146,9 @@ def test_the_tiny_preset_has_a_quarter_of_tiny_f4_s_encoder_and_its_latent_shape
     assert 4 * n_params(lite.encoder) <= kl_encoder, (n_params(lite.encoder), kl_encoder)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert Tokenizer(kl).encode(x).shape == Tokenizer(lite).encode(x).shape == (2, 4, 8, 8)
-    assert n_params(lite.decoder) == n_params(kl.decoder)  # the same diffusers Decoder
+    # the same diffusers Decoder convolutions (the preset's SMC swaps GroupNorm for a per-input-channel style)
+    convs = [[m.weight.shape for m in tok.decoder.modules() if isinstance(m, torch.nn.Conv2d)] for tok in (kl, lite)]
+    assert convs[0] == convs[1] and lite.config["smc"]
 
 
 def test_the_imagenet_preset_is_litevae_b_at_f8():
@@ -260,13 +262,13 @@ def _heldout_psnr(tok, x: torch.Tensor) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-# Issue #17's acceptance check, not met yet: measured 26.98 dB (tiny_litevae_f4) vs 29.39 dB (tiny_f4) at 300 steps,
-# one seed. strict: the day it passes, this marker must go. Variants of tiny_litevae_f4 tried at 300 steps (session 6,
-# same data and seed): optim.lr=1e-3 27.53 dB, litevae.aggregator_mult=[1,2,2] (91k encoder parameters, the 1/4
-# budget) 26.95 dB, use_quant_conv=true 25.66 dB; the baseline reproduced at 26.98 dB.
-@pytest.mark.xfail(strict=True, reason="LiteVAE tiny trails tiny_f4 by 2.4 dB held-out PSNR at 300 steps")
+# Issue #17's acceptance check (session 7, 1 CPU thread; numbers in docs/tokenizers.md). The earlier preset
+# (width-8 / [1, 2] UNets everywhere, 79k encoder parameters, GroupNorm decoder) gave 26.98 dB against 29.39; its
+# variants at 300 steps: optim.lr=1e-3 27.53, aggregator_mult=[1,2,2] 26.95, use_quant_conv 25.66, encoder
+# norm_num_groups=2 26.09, no 1/2^l input scaling 26.11, pixel-unshuffle instead of average pooling 27.02, smc 27.31.
+# What closed the gap: the parameters moved to the aggregator (width 24, the UNet on the latent grid) with SMC.
 def test_heldout_psnr_is_within_1_db_of_tiny_f4_at_equal_steps(tmp_path):
-    """tiny_f4 (KL) and tiny_litevae_f4 (same latent shape and decoder) trained 300 steps each on the first 1,500
+    """tiny_f4 (KL) and tiny_litevae_f4 (same latent shape and decoder widths) trained 300 steps each on the first 1,500
     digits; PSNR on the other 297."""
     from ldm.data.embedded import digits_arrays
     from ldm.tokenizers import load_tokenizer
