@@ -49,8 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEFAULT_PRESETS = [f"configs/tokenizer/{name}.yaml" for name in ("tiny_f4", "tiny_sigma_f4", "tiny_vq_f4",
-                                                                   "tiny_fsq_f4")]
+DEFAULT_PRESETS = [f"configs/tokenizer/{name}.yaml" for name in ("tiny_f4", "tiny_sigma_f4", "tiny_litevae_f4",
+                                                                   "tiny_vq_f4", "tiny_fsq_f4", "tiny_dc_f8")]
 GENERATOR_CONFIG = REPO / "configs" / "generator" / "dit_ti2_digits.yaml"
 SMOKE = {"steps": 3, "generator_steps": 2, "recon_images": 64, "num_samples": 20, "stats_images": 64,
          "batch_size": 8, "seeds": "0"}
