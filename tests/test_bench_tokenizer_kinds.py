@@ -29,7 +29,8 @@ def _photos(folder: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, np.nda
 
 def test_the_photo_split_holds_out_one_photo_as_row_major_tiles(tmp_path):
     images = _photos(tmp_path / "photos", {"a.png": (40, 70), "b.png": (32, 32), "c.png": (16, 48)})
-    train, held, holdout = _bench().photo_split(tmp_path / "photos", None, 16, tmp_path / "root")
+    bench = _bench()
+    train, held, holdout = bench.photo_split(tmp_path / "photos", None, 16, tmp_path / "root")
     assert holdout == "a.png" and sorted(p.name for p in train.iterdir()) == ["b.png", "c.png"]
     tiles = np.load(held)["arr_0"]
     a = images["a.png"]
@@ -37,10 +38,10 @@ def test_the_photo_split_holds_out_one_photo_as_row_major_tiles(tmp_path):
     assert tiles.shape == (8, 16, 16, 3) and tiles.dtype == np.uint8
     np.testing.assert_array_equal(tiles[5], a[16:32, 16:32])
     np.testing.assert_array_equal(tiles[3], a[0:16, 48:64])
-    _, _, other = _bench().photo_split(tmp_path / "photos", "c.png", 16, tmp_path / "root2")
+    _, _, other = bench.photo_split(tmp_path / "photos", "c.png", 16, tmp_path / "root2")
     assert other == "c.png"
     with pytest.raises(FileNotFoundError, match="needs at least 2 photos including the held-out 'z.png'"):
-        _bench().photo_split(tmp_path / "photos", "z.png", 16, tmp_path / "root3")
+        bench.photo_split(tmp_path / "photos", "z.png", 16, tmp_path / "root3")
 
 
 @pytest.mark.slow
